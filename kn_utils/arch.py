@@ -1,0 +1,220 @@
+"""Where each architecture keeps its parts.
+
+This is the ONE place in kn_utils that knows module names. Everything else asks an
+:class:`Architecture` for "the MLP output projection of layer 7" and hooks that module.
+
+Families are recognised by module structure: the blocks are the ``ModuleList`` whose length is the
+config's layer count, and inside a block the parts are found by a short table of known relative
+names, with a structural fallback for the MLP output projection (the linear map from the MLP's
+hidden width back to the model width). An unknown layout raises :class:`UnsupportedArchitecture`
+listing what was found, so adding a family means adding a name to a table here.
+
+Sites (what a hook can read or write), all per layer:
+
+* ``"neurons"``  the *input* of the MLP output projection, [batch, pos, n_neurons]. This is the
+  knowledge-neuron site (after the nonlinearity; for gated MLPs act(gate) * up).
+* ``"mlp"``      the output of the MLP output projection (the MLP's contribution to the residual).
+* ``"attn"``     the output of the attention output projection.
+* ``"hidden"``   the block output (residual stream after the block).
+* ``"embed"``    the input-embedding output (layer index ignored; one site).
+* ``"pre_act"``  compatibility site of the paper's original code: the output of the MLP *input*
+  projection before the nonlinearity (``c_fc`` / ``gate_proj``). Only for comparison with that code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+SITES = ("neurons", "mlp", "attn", "hidden", "embed", "pre_act")
+
+# Relative names inside one block, most specific first.  Checked in order; first hit wins.
+_MLP_OUT_NAMES = (
+    "mlp.down_proj",        # LLaMA, Mistral, Qwen2, Gemma, Phi-3, SmolLM2
+    "mlp.c_proj",           # GPT-2
+    "mlp.fc_out",           # GPT-J
+    "mlp.dense_4h_to_h",    # GPT-NeoX / Pythia
+    "mlp.fc2",              # Phi-1/2
+    "fc2",                  # OPT
+    "output.dense",         # BERT, RoBERTa (input = intermediate output after GELU)
+)
+_MLP_IN_NAMES = (  # pre-activation compatibility site
+    "mlp.gate_proj", "mlp.gate_up_proj", "mlp.c_fc", "mlp.fc_in", "mlp.dense_h_to_4h", "mlp.fc1",
+    "fc1", "intermediate.dense",
+)
+_ATTN_OUT_NAMES = (
+    "self_attn.o_proj",      # LLaMA family, Phi-3
+    "attn.c_proj",           # GPT-2
+    "attn.out_proj",         # GPT-J
+    "attention.dense",       # GPT-NeoX
+    "self_attn.out_proj",    # OPT
+    "self_attn.dense",       # Phi-1/2
+    "attention.output.dense",  # BERT, RoBERTa
+)
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "decoder.final_layer_norm", "final_layernorm")
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model's module layout is not one kn_utils knows how to read."""
+
+
+def _get(root: nn.Module, dotted: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(dotted)
+    except AttributeError:
+        return None
+
+
+def _in_out_features(module: nn.Module) -> tuple[int, int] | None:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    # GPT-2's Conv1D stores weight as [in, out]
+    if type(module).__name__ == "Conv1D" and hasattr(module, "weight"):
+        w = module.weight
+        return int(w.shape[0]), int(w.shape[1])
+    return None
+
+
+def _layer_count(config) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+@dataclass
+class Architecture:
+    """Module handles of one loaded model.  Build with :func:`describe`."""
+
+    family: str
+    blocks: list[nn.Module]
+    mlp_out: list[nn.Module]          # output projection per layer; its input is the neuron site
+    mlp_in: list[nn.Module | None]    # input projection per layer (pre-activation compat site)
+    attn_out: list[nn.Module]         # attention output projection per layer
+    embed: nn.Module
+    final_norm: nn.Module | None
+    unembed: nn.Module | None
+    is_masked_lm: bool
+    n_neurons: int
+    d_model: int
+    names: dict[str, list[str]] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    def module(self, site: str, layer: int) -> tuple[nn.Module, bool]:
+        """(module to hook, True if the value is that module's *input*) for a site."""
+        if site not in SITES:
+            raise ValueError(f"unknown site {site!r}; choose one of {SITES}")
+        if site == "embed":
+            return self.embed, False
+        self.check_layer(layer)
+        if site == "neurons":
+            return self.mlp_out[layer], True
+        if site == "mlp":
+            return self.mlp_out[layer], False
+        if site == "attn":
+            return self.attn_out[layer], False
+        if site == "hidden":
+            return self.blocks[layer], False
+        module = self.mlp_in[layer]
+        if module is None:
+            raise ValueError(f"{self.family}: no MLP input projection found for the 'pre_act' site")
+        return module, False
+
+    def check_layer(self, layer: int) -> None:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer!r} out of range: the model has layers 0..{self.n_layers - 1}")
+
+    def check_neuron(self, layer: int, neuron: int) -> None:
+        self.check_layer(layer)
+        if not isinstance(neuron, int) or isinstance(neuron, bool) or not 0 <= neuron < self.n_neurons:
+            raise ValueError(
+                f"neuron {neuron!r} out of range: layer {layer} has neurons 0..{self.n_neurons - 1}")
+
+    def value_slots(self, layer: int) -> torch.Tensor:
+        """Weight of the output projection as a view [n_neurons, d_model]: row i is neuron i's value slot."""
+        module = self.mlp_out[layer]
+        w = module.weight
+        return w if type(module).__name__ == "Conv1D" else w.T
+
+
+def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    n = _layer_count(model.config)
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if isinstance(m, nn.ModuleList) and len(m) > 0]
+    matching = [(name, m) for name, m in candidates if n is None or len(m) == n]
+    # Encoder-decoder and vision towers also have ModuleLists; the text stack is the shallowest match.
+    matching.sort(key=lambda item: item[0].count("."))
+    for name, blocks in matching:
+        if any(_get(blocks[0], rel) is not None for rel in _MLP_OUT_NAMES) or _structural_mlp_out(blocks[0]):
+            return name, blocks
+    found = ", ".join(f"{name} ({type(m[0]).__name__} x{len(m)})" for name, m in candidates) or "none"
+    raise UnsupportedArchitecture(
+        f"cannot find the transformer blocks of {type(model).__name__}: expected a ModuleList of "
+        f"{n} blocks containing an MLP output projection; ModuleLists found: {found}")
+
+
+def _structural_mlp_out(block: nn.Module) -> str | None:
+    """Name of the one linear map from a wider hidden size back to the model width, if unique."""
+    shapes = {name: _in_out_features(m) for name, m in block.named_modules()}
+    shapes = {k: v for k, v in shapes.items() if v is not None}
+    if not shapes:
+        return None
+    d = max((v[1] for v in shapes.values()), key=lambda w: sum(1 for v in shapes.values() if v[1] == w))
+    wide = [k for k, (i, o) in shapes.items() if o == d and i > d]
+    return wide[0] if len(wide) == 1 else None
+
+
+def _first(block: nn.Module, names: tuple[str, ...]) -> tuple[str | None, nn.Module | None]:
+    for rel in names:
+        module = _get(block, rel)
+        if module is not None:
+            return rel, module
+    return None, None
+
+
+def describe(model: nn.Module) -> Architecture:
+    """Find blocks, neuron sites, attention outputs, embeddings, final norm and head of ``model``."""
+    if not hasattr(model, "config"):
+        raise UnsupportedArchitecture(f"{type(model).__name__} has no .config: not a transformers model")
+    blocks_name, blocks = _find_blocks(model)
+    mlp_out, mlp_in, attn_out, names = [], [], [], {"mlp_out": [], "attn_out": []}
+    for i, block in enumerate(blocks):
+        rel, module = _first(block, _MLP_OUT_NAMES)
+        if module is None:
+            rel = _structural_mlp_out(block)
+            module = _get(block, rel) if rel else None
+        arel, amodule = _first(block, _ATTN_OUT_NAMES)
+        if module is None or amodule is None:
+            children = ", ".join(n for n, _ in block.named_modules() if n) or "none"
+            raise UnsupportedArchitecture(
+                f"{type(model).__name__}: block {i} ({type(block).__name__}) has no recognisable "
+                f"{'MLP output projection' if module is None else 'attention output projection'}; "
+                f"its modules are: {children}")
+        mlp_out.append(module)
+        mlp_in.append(_first(block, _MLP_IN_NAMES)[1])
+        attn_out.append(amodule)
+        names["mlp_out"].append(f"{blocks_name}.{i}.{rel}")
+        names["attn_out"].append(f"{blocks_name}.{i}.{arel}")
+
+    shapes = _in_out_features(mlp_out[0])
+    if shapes is None:
+        raise UnsupportedArchitecture(
+            f"{type(model).__name__}: MLP output projection {names['mlp_out'][0]} is a "
+            f"{type(mlp_out[0]).__name__}, not a linear layer")
+    n_neurons, d_model = shapes
+
+    # The final norm lives beside the blocks in the base model (model.norm, transformer.ln_f ...).
+    parent = model.get_submodule(blocks_name.rsplit(".", 1)[0]) if "." in blocks_name else model
+    final_norm = _first(parent, _FINAL_NORM_NAMES)[1]
+    is_masked_lm = type(model).__name__.endswith("ForMaskedLM")
+    family = getattr(model.config, "model_type", type(model).__name__)
+    return Architecture(
+        family=family, blocks=list(blocks), mlp_out=mlp_out, mlp_in=mlp_in, attn_out=attn_out,
+        embed=model.get_input_embeddings(), final_norm=final_norm,
+        unembed=model.get_output_embeddings(), is_masked_lm=is_masked_lm,
+        n_neurons=n_neurons, d_model=d_model, names=names)

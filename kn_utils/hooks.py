@@ -1,0 +1,246 @@
+"""Context managers that read and write activations at named sites (see :mod:`kn_utils.arch`).
+
+Everything here is a forward hook or forward pre-hook registered on the model's own modules and
+removed in ``finally``: no module is ever replaced, and an exception inside a ``with`` body leaves
+the model exactly as it was.  Written values are computed out of place (``torch.where``), so
+gradients flow through them.
+
+    with record(lm, "neurons", layers=[3, 4]) as acts:
+        lm.model(ids)
+    acts[3]                       # [batch, positions, n_neurons]
+
+    with scale_activation(lm, "neurons", 5, 0.0, units=[17], positions=-1):
+        ...                       # neuron (5, 17) zeroed at the last position
+
+    with suppress(lm, [(5, 17), (9, 3)]): ...
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+Index = int | Sequence[int] | slice | torch.Tensor | None
+
+
+class HookSet:
+    """Registers hooks and guarantees their removal; the base of every context manager here."""
+
+    def __init__(self):
+        self._handles = []
+
+    def add(self, module, fn, *, pre: bool):
+        if pre:
+            handle = module.register_forward_pre_hook(fn)
+        else:
+            handle = module.register_forward_hook(fn)
+        self._handles.append(handle)
+
+    def remove(self):
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+
+def _wrap(fn: Callable[[torch.Tensor], torch.Tensor | None], pre: bool):
+    """Adapt a tensor -> tensor function to a module hook, whatever the module's output type."""
+    if pre:
+        def hook(module, args):
+            new = fn(args[0])
+            if new is None:
+                return None
+            return (new,) + tuple(args[1:])
+    else:
+        def hook(module, args, output):
+            value = output[0] if isinstance(output, tuple) else output
+            new = fn(value)
+            if new is None:
+                return None
+            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+    return hook
+
+
+def _layers(lm, site: str, layers) -> list[int]:
+    if site == "embed":
+        return [0]
+    if layers is None:
+        return list(range(lm.arch.n_layers))
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    for layer in layers:
+        lm.arch.check_layer(layer)
+    return layers
+
+
+@contextmanager
+def modify(lm, site: str, fns: dict[int, Callable[[torch.Tensor], torch.Tensor | None]]):
+    """Apply ``fns[layer](value) -> new value`` at ``site`` of each listed layer.
+
+    The function sees the whole tensor ([batch, positions, width]); returning None keeps it.
+    """
+    hooks = HookSet()
+    try:
+        for layer, fn in fns.items():
+            module, pre = lm.arch.module(site, layer)
+            if site in ("neurons", "mlp", "pre_act"):
+                fn = _unflatten(hooks, lm.arch.blocks[layer], fn)
+            hooks.add(module, _wrap(fn, pre), pre=pre)
+        yield
+    finally:
+        hooks.remove()
+
+
+def _unflatten(hooks: HookSet, block, fn):
+    """Some MLPs (OPT) run on [batch*positions, width]: show ``fn`` the [batch, positions, width] view.
+
+    The block's input shape, taken by a pre-hook on the block, tells how to fold the rows back.
+    """
+    shape = {}
+
+    def keep_shape(module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if torch.is_tensor(hidden):
+            shape["bp"] = hidden.shape[:-1]
+
+    hooks._handles.append(block.register_forward_pre_hook(keep_shape, with_kwargs=True))
+
+    def folded(value):
+        if value.dim() != 2 or "bp" not in shape:
+            return fn(value)
+        new = fn(value.view(*shape["bp"], value.shape[-1]))
+        return None if new is None else new.reshape(value.shape)
+    return folded
+
+
+@contextmanager
+def record(lm, site: str, layers: int | Iterable[int] | None = None, *, detach: bool = True):
+    """Yield a dict ``{layer: activation}`` filled by the forward passes run in the body.
+
+    With ``detach=False`` the stored tensors stay in the autograd graph (call ``retain_grad``).
+    A second forward pass in the same body overwrites the first.
+    """
+    store: dict[int, torch.Tensor] = {}
+
+    def keeper(layer):
+        def keep(value):
+            store[layer] = value.detach() if detach else value
+        return keep
+
+    with modify(lm, site, {layer: keeper(layer) for layer in _layers(lm, site, layers)}):
+        yield store
+
+
+def _as_index(index: Index, size: int) -> torch.Tensor:
+    """Boolean mask of length ``size`` from an int / list / slice / tensor / None (= all)."""
+    mask = torch.zeros(size, dtype=torch.bool)
+    if index is None:
+        mask[:] = True
+    elif isinstance(index, slice):
+        mask[index] = True
+    else:
+        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        if idx.numel() and (idx.max() >= size or idx.min() < -size):
+            raise ValueError(f"index {index!r} out of range for a dimension of size {size}")
+        mask[idx] = True
+    return mask
+
+
+def _selection(value: torch.Tensor, units: Index, positions: Index, rows: Index) -> torch.Tensor:
+    """Broadcastable boolean mask selecting [rows, positions, units] of a [B, P, W] tensor."""
+    b, p, w = value.shape[0], value.shape[-2], value.shape[-1]
+    mask = (_as_index(rows, b)[:, None, None] & _as_index(positions, p)[None, :, None]
+            & _as_index(units, w)[None, None, :])
+    return mask.to(value.device)
+
+
+def _check_units(lm, site: str, layers: Iterable[int], units: Index):
+    if site != "neurons" or units is None or isinstance(units, slice):
+        return
+    for layer in layers:
+        for unit in torch.as_tensor(units).reshape(-1).tolist():
+            lm.arch.check_neuron(layer, int(unit))
+
+
+def _edit(lm, site, layer, units, positions, rows, op):
+    layers = _layers(lm, site, layer)
+    _check_units(lm, site, layers, units)
+
+    def fn(value):
+        return op(value, _selection(value, units, positions, rows))
+    return modify(lm, site, {layer_: fn for layer_ in layers})
+
+
+def set_activation(lm, site: str, layer: int | Iterable[int] | None, value, *, units: Index = None,
+                   positions: Index = None, rows: Index = None):
+    """Replace the selected entries by ``value`` (a number or a tensor broadcastable to the site)."""
+    def op(x, mask):
+        v = value if not torch.is_tensor(value) else value.to(x.device, x.dtype)
+        return torch.where(mask, v, x)
+    return _edit(lm, site, layer, units, positions, rows, op)
+
+
+def scale_activation(lm, site: str, layer, factor: float, *, units: Index = None,
+                     positions: Index = None, rows: Index = None):
+    """Multiply the selected entries by ``factor``."""
+    return _edit(lm, site, layer, units, positions, rows,
+                 lambda x, mask: torch.where(mask, x * factor, x))
+
+
+def add_activation(lm, site: str, layer, delta, *, units: Index = None, positions: Index = None,
+                   rows: Index = None):
+    """Add ``delta`` (number or broadcastable tensor) to the selected entries."""
+    def op(x, mask):
+        d = delta if not torch.is_tensor(delta) else delta.to(x.device, x.dtype)
+        return torch.where(mask, x + d, x)
+    return _edit(lm, site, layer, units, positions, rows, op)
+
+
+def _by_layer(lm, neurons) -> dict[int, list[int]]:
+    grouped: dict[int, list[int]] = defaultdict(list)
+    neurons = list(neurons)
+    if not neurons:
+        raise ValueError("no neurons given: pass a list of (layer, neuron) pairs")
+    for item in neurons:
+        try:
+            layer, neuron = item
+        except (TypeError, ValueError):
+            raise ValueError(f"a neuron is a (layer, neuron) pair, got {item!r}") from None
+        lm.arch.check_neuron(int(layer), int(neuron))
+        grouped[int(layer)].append(int(neuron))
+    return grouped
+
+
+@contextmanager
+def scale_neurons(lm, neurons, factor: float, *, positions: Index = None, rows: Index = None):
+    """Multiply the listed (layer, neuron) activations by ``factor`` (all positions by default)."""
+    grouped = _by_layer(lm, neurons)
+    with ExitStack() as stack:
+        for layer, units in grouped.items():
+            stack.enter_context(scale_activation(lm, "neurons", layer, factor, units=units,
+                                                 positions=positions, rows=rows))
+        yield
+
+
+def suppress(lm, neurons, *, positions: Index = None, rows: Index = None):
+    """Set the activations of ``neurons`` [(layer, neuron), ...] to zero (Dai et al.'s suppression).
+
+    ``positions=None`` acts at every position; pass the target position (e.g. ``-1``) to act only there.
+    """
+    return scale_neurons(lm, neurons, 0.0, positions=positions, rows=rows)
+
+
+def enhance(lm, neurons, factor: float = 2.0, *, positions: Index = None, rows: Index = None):
+    """Multiply the activations of ``neurons`` by ``factor`` (Dai et al. double them)."""
+    return scale_neurons(lm, neurons, factor, positions=positions, rows=rows)
+
+
+def hook_count(model) -> int:
+    """Number of forward hooks and pre-hooks on every module (tests use it to prove clean-up)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

@@ -1,0 +1,210 @@
+"""Prompts and targets → token ids and the positions where the target is read.
+
+* Masked LMs read the target at the one mask token ("[MASK]" in a prompt is accepted for any masked
+  LM and rewritten to that tokenizer's own mask token, e.g. RoBERTa's ``<mask>``).
+* Causal LMs read it at the last prompt position.  Trailing whitespace of the prompt moves to the
+  target, so "The capital of France is" + "Paris" is read as the token " Paris", exactly as the model
+  would produce it; no BOS or other special token ever becomes part of a target.
+* Multi-token targets are teacher forced: query j sees the gold tokens 0..j-1 and is scored on token j.
+  For causal LMs all queries share one input (one forward); for masked LMs the target gets one mask
+  per token and earlier masks are filled in with the gold tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MASK_PLACEHOLDER = "[MASK]"
+
+
+@dataclass(frozen=True)
+class Query:
+    """One forward input, the position read, and the token id scored there."""
+
+    input_ids: tuple[int, ...]
+    position: int
+    target_id: int
+
+
+@dataclass(frozen=True)
+class Target:
+    prompt: str
+    target: str
+    target_ids: tuple[int, ...]
+    queries: tuple[Query, ...]
+
+    def groups(self) -> list[tuple[tuple[int, ...], list[int], list[int]]]:
+        """Queries sharing one input: [(input_ids, positions, target_ids)] (causal LMs: one group)."""
+        out: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+        for q in self.queries:
+            pos, tgt = out.setdefault(q.input_ids, ([], []))
+            pos.append(q.position)
+            tgt.append(q.target_id)
+        return [(ids, pos, tgt) for ids, (pos, tgt) in out.items()]
+
+
+def _encode(lm, text: str) -> list[int]:
+    return list(lm.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def _special_ids(lm) -> set[int]:
+    return set(getattr(lm.tokenizer, "all_special_ids", []) or [])
+
+
+def check_prompt(lm, prompt) -> str:
+    """Validate a prompt; return it in the form the model reads (mask rewritten, whitespace moved)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"empty prompt: a prompt must be a non-empty string, got {prompt!r}")
+    if lm.arch.is_masked_lm:
+        mask = lm.tokenizer.mask_token
+        if mask is None:
+            raise ValueError(f"{lm.name}: masked LM without a mask token")
+        if mask != MASK_PLACEHOLDER:
+            prompt = prompt.replace(MASK_PLACEHOLDER, mask)
+        n = _encode(lm, prompt).count(lm.tokenizer.mask_token_id)
+        if n != 1:
+            raise ValueError(
+                f"a masked-LM prompt needs exactly one mask token ({mask!r}), found {n} in {prompt!r}")
+        return prompt
+    if MASK_PLACEHOLDER in prompt:
+        raise ValueError(f"{MASK_PLACEHOLDER!r} in a prompt for the causal LM {lm.name}: a causal "
+                         f"prompt ends where the target begins (cut the prompt at the mask)")
+    return prompt.rstrip()
+
+
+def read_position(lm, input_ids) -> int:
+    """Index of the position whose prediction is read: the mask (masked LM) or the last token."""
+    ids = list(input_ids)
+    if lm.arch.is_masked_lm:
+        return ids.index(lm.tokenizer.mask_token_id)
+    return len(ids) - 1
+
+
+def prompt_ids(lm, prompt: str) -> list[int]:
+    """Token ids of a validated prompt, special tokens included."""
+    return _encode(lm, check_prompt(lm, prompt))
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prepare(lm, prompt: str, target: str) -> Target:
+    """Tokenise ``target`` as the model would produce it after ``prompt`` and build teacher-forced queries."""
+    prompt = check_prompt(lm, prompt)
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError(f"empty target: the target must be a non-empty string, got {target!r}")
+    p_ids = _encode(lm, prompt)
+    if lm.arch.is_masked_lm:
+        return _prepare_masked(lm, prompt, target, p_ids)
+    return _prepare_causal(lm, prompt, target, p_ids)
+
+
+def _no_target(target, prompt):
+    return ValueError(f"target {target!r} tokenises to nothing after {prompt!r}")
+
+
+def _prepare_causal(lm, prompt, target, p_ids):
+    special = _special_ids(lm)
+    # Tokenizers that append a special token (EOS) would put it after the target too: drop it.
+    n_tail = 0
+    while n_tail < len(p_ids) and p_ids[len(p_ids) - 1 - n_tail] in special and len(p_ids) - n_tail > 1:
+        n_tail += 1
+    body = p_ids[:len(p_ids) - n_tail]
+    text = target if target[:1].isspace() else " " + target
+    full = _encode(lm, prompt + text)
+    full = full[:len(full) - n_tail]
+    if _common_prefix(body, full) == len(body):
+        t_ids = full[len(body):]
+    else:  # the boundary merged into one token: fall back to the target on its own
+        t_ids = list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    t_ids = [t for t in t_ids if t not in special]
+    if not t_ids:
+        raise _no_target(target, prompt)
+    ids = tuple(body + t_ids[:-1])
+    queries = tuple(Query(ids, len(body) - 1 + j, t) for j, t in enumerate(t_ids))
+    return Target(prompt, target, tuple(t_ids), queries)
+
+
+def _prepare_masked(lm, prompt, target, p_ids):
+    mask_id = lm.tokenizer.mask_token_id
+    m = p_ids.index(mask_id)
+    full = _encode(lm, prompt.replace(lm.tokenizer.mask_token, target.strip(), 1))
+    # The target's tokens are what differs between the prompt and the filled-in sentence.  Taking
+    # prefix and suffix from the filled-in tokenisation keeps a space the mask token would otherwise
+    # leave as a token of its own (byte-level tokenizers) attached to the target, as in real text.
+    c = min(_common_prefix(p_ids, full), m)
+    s = min(_common_prefix(p_ids[::-1], full[::-1]), len(p_ids) - m - 1, len(full) - c)
+    prefix, suffix, t_ids = full[:c], full[len(full) - s:], full[c:len(full) - s]
+    t_ids = [t for t in t_ids if t not in _special_ids(lm)]
+    if not t_ids:
+        raise _no_target(target, prompt)
+    k = len(t_ids)
+    queries = tuple(
+        Query(tuple(prefix + t_ids[:j] + [mask_id] * (k - j) + suffix), c + j, t)
+        for j, t in enumerate(t_ids))
+    return Target(prompt, target, tuple(t_ids), queries)
+
+
+def pad_batch(lm, sequences) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token sequences: (input_ids, attention_mask) on the model's device.
+
+    Right padding keeps every real token at its own position, so causal models need no position
+    fix-ups and the read position of each row is unchanged.
+    """
+    pad = lm.tokenizer.pad_token_id
+    if pad is None:
+        pad = lm.tokenizer.eos_token_id or 0
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(lm.device), mask.to(lm.device)
+
+
+def logits_at(lm, sequences, positions, *, batch_size: int = 32) -> torch.Tensor:
+    """Logits [n, vocab] of each sequence at its read position (batched, right padded, no grad)."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            seqs = sequences[start:start + batch_size]
+            ids, mask = pad_batch(lm, seqs)
+            logits = lm.model(input_ids=ids, attention_mask=mask).logits
+            rows = torch.arange(len(seqs), device=logits.device)
+            pos = torch.as_tensor(positions[start:start + batch_size], device=logits.device)
+            out.append(logits[rows, pos].float())
+    return torch.cat(out)
+
+
+def predict(lm, prompt: str, top_k: int = 5) -> list[tuple[str, float]]:
+    """Top-k next tokens (masked LM: tokens for the mask) with probabilities, best first."""
+    ids = prompt_ids(lm, prompt)
+    probs = logits_at(lm, [ids], [read_position(lm, ids)])[0].softmax(-1)
+    top = probs.topk(top_k)
+    return [(lm.tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+
+
+def target_log_probs(lm, prompt: str, target: str) -> torch.Tensor:
+    """Log-probability of each target token, teacher forced: tensor [n_target_tokens]."""
+    spec = prepare(lm, prompt, target)
+    # Causal queries share one input: one forward, read at every teacher-forced position.
+    out = []
+    with torch.no_grad():
+        for ids, positions, target_ids in spec.groups():
+            logits = lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0, positions]
+            logp = logits.float().log_softmax(-1)
+            out.append(logp[torch.arange(len(positions)), torch.as_tensor(target_ids, device=logp.device)])
+    return torch.cat(out)
+
+
+def target_probability(lm, prompt: str, target: str) -> float:
+    """P(target | prompt); multi-token targets: the product over their teacher-forced tokens."""
+    return float(target_log_probs(lm, prompt, target).sum().exp())

@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+
+import kn_utils as ku
+
+from tiny_models import tiny_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+# Read-only data sets beside the checkout (CI lays ../shared/data); KN_DATA_DIR overrides.
+DATA_DIR = Path(os.environ.get("KN_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def default_lm():
+    """The real embedded SmolLM2-135M-Instruct (converted once into the kn_utils cache)."""
+    return ku.load_model("default", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    if not DATA_DIR.exists():
+        pytest.skip(f"data sets not found at {DATA_DIR} (set KN_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny('llama') -> LanguageModel with random weights; cached per family for the session."""
+    cache = {}
+
+    def get(family, seed=0):
+        if (family, seed) not in cache:
+            cache[family, seed] = tiny_lm(family, seed)
+        return cache[family, seed]
+    return get
