@@ -10,4 +10,15 @@ from .hooks import (add_activation, enhance, hook_count, modify, record, scale_a
 from .models import LanguageModel, cache_dir, load_model
 from .targets import predict, prepare, target_log_probs, target_probability
 
+from .attribution import (KNResult, attribution_maps, coarse_neurons, find_knowledge_neurons,
+                          integrated_gradients, layer_distribution, r2_similarity)
+from .editing.kn import KNEdit, intervention_summary, kn_edit, kn_erase, measure_intervention
+from .editing.rome import ROMEEdit, ROMEHyperParams, layer_stats, rome_edit
+from .evaluation import evaluate_edits, summarize_edits
+from .data.pararel import Bag, causal_prompts, load_bags
+
+from .tracing import (TraceResult, aggregate_traces, average_indirect_effect, causal_trace, filter_known,
+                      noise_level, restored_score)
+from .data.counterfact import load_counterfact, load_known_facts
+
 __version__ = "0.1.0"

@@ -31,11 +31,11 @@ class HookSet:
     def __init__(self):
         self._handles = []
 
-    def add(self, module, fn, *, pre: bool):
+    def add(self, module, fn, *, pre: bool, with_kwargs: bool = False):
         if pre:
-            handle = module.register_forward_pre_hook(fn)
+            handle = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs)
         else:
-            handle = module.register_forward_hook(fn)
+            handle = module.register_forward_hook(fn, with_kwargs=with_kwargs)
         self._handles.append(handle)
 
     def remove(self):
@@ -109,7 +109,7 @@ def _unflatten(hooks: HookSet, block, fn):
         if torch.is_tensor(hidden):
             shape["bp"] = hidden.shape[:-1]
 
-    hooks._handles.append(block.register_forward_pre_hook(keep_shape, with_kwargs=True))
+    hooks.add(block, keep_shape, pre=True, with_kwargs=True)
 
     def folded(value):
         if value.dim() != 2 or "bp" not in shape:

@@ -1,0 +1,138 @@
+"""Integrated-gradients speed: the fast batched path against the plain per-layer reference loop.
+
+    python benchmarks/attribution.py                       # CPU: default model, ~10-token prompt
+    python benchmarks/attribution.py --device cuda --preset gpu   # random GPT-2 XL + BERT-base sizes
+
+Both paths run in ONE process on the same inputs; the script prints absolute times, the speed-up
+and the relative error between the two maps (max |fast - ref| / max |ref|).  The reference is the
+obvious implementation: for each layer, one batch of ``steps`` rows, full forward of the whole
+sequence with full logits, one backward.  Exit status 1 if the maps disagree (rel. err > 1e-3).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import kn_utils as ku
+from kn_utils.arch import describe
+from kn_utils.attribution import ig_alphas, ig_query
+from kn_utils.hooks import modify, record
+from kn_utils.models import LanguageModel
+from kn_utils.targets import prepare
+
+PROMPT = "The official language spoken by most people in the Netherlands is"  # ~11 tokens
+
+
+def reference_ig(lm, input_ids, position, target_id, steps=20, points="linspace"):
+    """Per-layer loop: steps rows in a batch, full sequence, full logits."""
+    model, dev = lm.model, lm.device
+    ids = torch.as_tensor([list(input_ids)], device=dev)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad(), record(lm, "neurons") as rec:
+        model(input_ids=ids)
+    alphas = ig_alphas(steps, points).to(dev, lm.dtype)
+    out = torch.zeros(lm.arch.n_layers, lm.arch.n_neurons)
+    for layer in range(lm.arch.n_layers):
+        act = rec[layer][0, position]
+        x = (alphas[:, None] * act).requires_grad_(True)
+
+        def write(value):
+            value = value.clone()
+            value[:, position] = x
+            return value
+        with modify(lm, "neurons", {layer: write}):
+            logits = model(input_ids=ids.expand(steps, -1)).logits[:, position]
+        prob = logits.float().softmax(-1)[:, target_id].sum()
+        (grad,) = torch.autograd.grad(prob, x)
+        out[layer] = (act.float() * grad.float().sum(0) / steps).cpu()
+    return out
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device, repeat):
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        _sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def _random_lm(kind: str, device: str, n_layers: int | None = None) -> LanguageModel:
+    """Random-init model of a published size, built from its config (nothing downloaded)."""
+    import transformers as T
+    torch.manual_seed(0)
+    if kind == "gpt2-xl":
+        cfg = T.GPT2Config(n_layer=n_layers or 48, n_embd=1600, n_head=25, vocab_size=50257)
+        model = T.GPT2LMHeadModel(cfg)
+    else:
+        cfg = T.BertConfig(num_hidden_layers=n_layers or 12, hidden_size=768, num_attention_heads=12,
+                           intermediate_size=3072, vocab_size=28996)
+        model = T.BertForMaskedLM(cfg)
+    model = model.to(device=device, dtype=torch.float32).eval()
+    return LanguageModel(model=model, tokenizer=None, arch=describe(model), name=f"random-{kind}")
+
+
+def cases(preset: str, device: str, n_tokens: int, n_layers: int | None = None):
+    """(name, lm, input_ids, position, target_id) to benchmark."""
+    if preset == "cpu":
+        lm = ku.load_model("default", device=device)
+        spec = prepare(lm, PROMPT, "Dutch")
+        q = spec.queries[0]
+        yield f"{lm.name} ({len(q.input_ids)} tokens)", lm, q.input_ids, q.position, q.target_id
+        return
+    g = torch.Generator().manual_seed(0)
+    for kind in ("gpt2-xl", "bert-base"):
+        lm = _random_lm(kind, device, n_layers)
+        vocab = lm.model.config.vocab_size
+        ids = torch.randint(1000, vocab, (n_tokens,), generator=g).tolist()
+        position = len(ids) - 1 if kind == "gpt2-xl" else n_tokens // 2
+        target = int(torch.randint(1000, vocab, (1,), generator=g))
+        yield f"random {kind} ({n_tokens} tokens)", lm, ids, position, target
+        del lm
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--repeat", type=int, default=1, help="best of N timings per path")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=10, help="sequence length (gpu preset)")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per fast-path forward")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="gpu preset: fewer layers than the real sizes (a quick dry run on CPU)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    failed = False
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+    for name, lm, ids, position, target in cases(args.preset, args.device, args.tokens, args.layers):
+        fast = lambda: ig_query(lm, ids, position, target, steps=args.steps,  # noqa: E731
+                                batch_size=args.batch_size)
+        ref = lambda: reference_ig(lm, ids, position, target, steps=args.steps)  # noqa: E731
+        fast()  # warm-up (allocator, kernels)
+        t_ref, m_ref = _time(ref, args.device, args.repeat)
+        t_fast, m_fast = _time(fast, args.device, args.repeat)
+        err = float((m_fast - m_ref).abs().max() / m_ref.abs().max().clamp_min(1e-30))
+        failed |= err > 1e-3
+        print(f"{name} on {args.device}, {lm.arch.n_layers} layers x {args.steps} steps: "
+              f"reference {t_ref:.3f} s, fast {t_fast:.3f} s, speed-up {t_ref / t_fast:.1f}x, "
+              f"rel. err {err:.2e}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

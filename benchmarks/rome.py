@@ -1,0 +1,73 @@
+"""Time one ROME edit with and without covariance statistics, and the statistics pass in tokens/s.
+
+    python benchmarks/rome.py                         # CPU preset: default model, small settings
+    python benchmarks/rome.py --device cuda --preset gpu
+
+The statistics are collected once (timed, tokens/s) and then read from the on-disk cache, so the
+"with covariance" edit time is the edit itself, as in a long evaluation run.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import kn_utils as ku
+from kn_utils.editing import rome
+from kn_utils.editing.rome import ROMEHyperParams, layer_stats, rome_edit
+
+PRESETS = {
+    "cpu": dict(stats_tokens=5_000, steps=10, context=[[5, 3]], repeats=1),
+    "gpu": dict(stats_tokens=100_000, steps=20, context=[[5, 10], [10, 10]], repeats=3),
+}
+
+
+def _sync(lm):
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--dtype", default=None)
+    args = parser.parse_args(argv)
+    cfg = PRESETS[args.preset]
+    lm = ku.load_model(args.model, device=args.device, dtype=args.dtype)
+    hp = ROMEHyperParams.for_model(lm)
+    hp.v_num_grad_steps = cfg["steps"]
+    hp.context_template_length_params = cfg["context"]
+    hp.mom2_n_samples = cfg["stats_tokens"]
+    hp = hp.resolve(lm)
+    rome.context_templates(lm, hp.context_template_length_params)   # generated once, cached
+
+    _sync(lm)
+    start = time.perf_counter()
+    layer_stats(lm, hp.layer, hp.mom2_dataset, hp.mom2_n_samples, recompute=True, progress=False)
+    _sync(lm)
+    seconds = time.perf_counter() - start
+    print(f"{lm.name} on {lm.device}: covariance, layer {hp.layer}: {hp.mom2_n_samples} tokens in "
+          f"{seconds:.1f} s = {hp.mom2_n_samples / seconds:,.0f} tokens/s")
+
+    request = ("The capital of Canada is", "Canada", "Rome")
+    for mom2 in (False, True):
+        hp.mom2_adjustment = mom2
+        times = []
+        for _ in range(cfg["repeats"]):
+            _sync(lm)
+            start = time.perf_counter()
+            edit = rome_edit(lm, *request, hp)
+            _sync(lm)
+            times.append(time.perf_counter() - start)
+            top = ku.predict(lm, request[0], 1)[0]
+            edit.restore()
+        print(f"ROME edit ({hp.v_num_grad_steps} steps, {len(rome.context_templates(lm, hp.context_template_length_params))} "
+              f"prompts), covariance {'on (cached)' if mom2 else 'off'}: best {min(times):.2f} s "
+              f"of {len(times)}; top-1 after edit {top[0]!r} p={top[1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Causal tracing: ROME's one-forward-per-cell loop against kn_utils' batched path.
+
+Same prompt, same noise, every (token, layer) cell, one run of each; prints both times, the ratio
+and the largest score difference for each kind.
+
+    python benchmarks/tracing.py                          # default model on the CPU
+    python benchmarks/tracing.py --device cuda --preset gpu   # random GPT-2 XL-size model, no downloads
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import kn_utils as ku
+from kn_utils.hooks import modify, record
+from kn_utils.targets import read_position
+from kn_utils.tracing import causal_trace, layer_window, subject_span
+
+PROMPT = "The Eiffel Tower is located in the city of"
+SUBJECT = "The Eiffel Tower"
+
+
+def reference_trace(lm, prompt, subject, *, kind, samples, noise, window):
+    """ROME's loop: for each cell one forward of the `samples` corrupted rows (full logits)."""
+    ids, (b, e) = subject_span(lm, prompt, subject)
+    n_tok, n_layers = len(ids), lm.arch.n_layers
+    read = read_position(lm, ids)
+    delta = torch.from_numpy(np.random.RandomState(1).randn(samples, e - b, lm.arch.d_model) * noise)
+    delta = delta.to(lm.device, lm.dtype)
+    ids_t = torch.tensor([ids], device=lm.device)
+    batch = ids_t.expand(samples, -1)
+
+    def corrupt(value):
+        value = value.clone()
+        value[:, b:e] += delta
+        return value
+
+    with torch.no_grad():
+        with record(lm, kind) as clean:
+            answer = int(lm.model(ids_t).logits[0, read].argmax())
+        scores = torch.zeros(n_tok, n_layers)
+        for t in range(n_tok):
+            for layer in range(n_layers):
+                width = 1 if kind == "hidden" else window
+                fns = {}
+                for j in layer_window(layer, n_layers, width):
+                    def fn(value, j=j):
+                        value = value.clone()
+                        value[:, t] = clean[j][0, t]
+                        return value
+                    fns[j] = fn
+                with modify(lm, "embed", {0: corrupt}), modify(lm, kind, fns):
+                    probs = lm.model(batch).logits[:, read].float().softmax(-1)[:, answer]
+                scores[t, layer] = float(probs.mean())
+    return scores
+
+
+def gpu_model(device, dtype):
+    """A random-weight GPT-2 XL-size model (48 layers, d 1600) with the default model's tokenizer."""
+    import transformers as T
+
+    from kn_utils.models import convert_gguf, default_gguf_path
+
+    tok = T.AutoTokenizer.from_pretrained(convert_gguf(default_gguf_path()))
+    config = T.GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=1600, n_layer=48, n_head=25,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = T.GPT2LMHeadModel(config)
+    return ku.load_model(model.to(dtype), tokenizer=tok, device=device)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--model", default="default", help="cpu preset: model to load")
+    parser.add_argument("--kinds", default="hidden,mlp,attn")
+    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--noise", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--skip-reference", action="store_true")
+    args = parser.parse_args(argv)
+
+    dtype = getattr(torch, args.dtype)
+    if args.preset == "gpu":
+        lm = gpu_model(args.device, dtype)
+    else:
+        lm = ku.load_model(args.model, device=args.device, dtype=dtype)
+    n_tok = len(subject_span(lm, PROMPT, SUBJECT)[0])
+    print(f"model {lm.name} ({lm.arch.n_layers} layers, d {lm.arch.d_model}) on {lm.device}, "
+          f"{args.dtype}; prompt of {n_tok} tokens, {args.samples} samples, all layers, "
+          f"torch threads {torch.get_num_threads()}")
+    # warm-up: first-call allocations and kernel selection are not what we measure
+    causal_trace(lm, PROMPT, SUBJECT, samples=2, tokens=[0], noise=args.noise)
+    for kind in args.kinds.split(","):
+        _sync(args.device)
+        start = time.perf_counter()
+        fast = causal_trace(lm, PROMPT, SUBJECT, kind=kind, samples=args.samples, noise=args.noise,
+                            window=args.window, batch_size=args.batch_size)
+        _sync(args.device)
+        t_fast = time.perf_counter() - start
+        line = f"{kind:6s} fast {t_fast:8.2f} s"
+        if not args.skip_reference:
+            start = time.perf_counter()
+            ref = reference_trace(lm, PROMPT, SUBJECT, kind=kind, samples=args.samples,
+                                  noise=args.noise, window=args.window)
+            _sync(args.device)
+            t_ref = time.perf_counter() - start
+            diff = float((ref - fast.scores).abs().max())
+            line += f"  reference {t_ref:8.2f} s  speed-up {t_ref / t_fast:5.1f}x  max|diff| {diff:.1e}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

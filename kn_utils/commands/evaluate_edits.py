@@ -1,0 +1,51 @@
+"""``python -m kn_utils evaluate-edits --editor rome --relation P36 --n 100 --out results/``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+HELP = "edit ParaRel facts (ROME or KN) and measure reliability, generality, locality, symmetry, synonymy"
+
+
+def add_arguments(parser):
+    parser.add_argument("--editor", default="rome", choices=("rome", "kn"))
+    parser.add_argument("--relation", default=["P36"], nargs="+", choices=("P36", "P1376", "P101"),
+                        help="one or more of P36 P1376 P101")
+    parser.add_argument("--n", type=int, default=None, help="first N facts of each relation (default all)")
+    parser.add_argument("--out", default="results", help="folder for the per-item CSVs and the summary")
+    parser.add_argument("--data-dir", default=None, help="data sets folder (default: $KN_DATA_DIR or ../shared/data)")
+    parser.add_argument("--layer", type=int, default=None, help="ROME layer (default: the model's preset)")
+    parser.add_argument("--steps", type=int, default=None, help="ROME v* optimisation steps")
+    parser.add_argument("--no-mom2", action="store_true", help="ROME without covariance statistics (C = I)")
+    parser.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, float16)")
+
+
+def run(args) -> int:
+    import kn_utils as ku
+    from kn_utils.editing.rome import ROMEHyperParams
+    from kn_utils.evaluation import evaluate_edits, summarize_edits
+
+    lm = ku.load_model(args.model, device=args.device, dtype=args.dtype)
+    hparams = None
+    if args.editor == "rome":
+        hparams = ROMEHyperParams.for_model(lm)
+        if args.layer is not None:
+            hparams.layer = args.layer
+        if args.steps is not None:
+            hparams.v_num_grad_steps = args.steps
+        if args.no_mom2:
+            hparams.mom2_adjustment = False
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = {}
+    for rel in args.relation:
+        df = evaluate_edits(lm, editor=args.editor, relation=rel, n=args.n, data_dir=args.data_dir,
+                            hparams=hparams)
+        path = out / f"edits_{args.editor}_{rel}.csv"
+        df.to_csv(path, index=False)
+        print(f"{rel}: {len(df)} items ({df.attrs.get('n_skipped', 0)} skipped) -> {path}")
+        frames[rel] = df
+    table = summarize_edits(frames)
+    summary = out / f"edits_{args.editor}_summary.csv"
+    table.to_csv(summary, index=False)
+    print(f"summary -> {summary}")
+    return 0

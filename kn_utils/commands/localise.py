@@ -1,0 +1,140 @@
+"""``python -m kn_utils localise``: knowledge neurons of BLiMP paradigms, one prompt set per number.
+
+    python -m kn_utils localise --model default --paradigm regular_plural_subject_verb_agreement_1 \
+        --n 100 --out results/
+
+For each paradigm and each group of its pairs (singular / plural targets, or anaphor gender), the
+first ``--n`` pairs whose good word is one token are attributed with integrated gradients and
+refined into KNs (adaptive τ).  Written under ``--out``:
+
+* ``localise_<UID>.json``   model, data source, per group: neurons, τ, |KN| at τ = 0.7, R²₁, and
+  BLiMP accuracy before / after suppressing the group's KNs;
+* ``localise_<UID>_groups.csv``  the same per group, one row each;
+* ``localise_<UID>_prompts.csv`` per prompt: top neuron and score, coarse-neuron count, the summed
+  score of the group's KNs;
+* ``figures/``  attribution heatmaps around the KNs and the KNs' layer distribution.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+HELP = "find knowledge neurons of BLiMP paradigms (per number) and write CSV/JSON and figures"
+
+
+def add_arguments(parser):
+    parser.add_argument("--paradigm", action="append", required=True,
+                        help="BLiMP UID or short name (dna_1, with_adj_1, ...); repeat or comma-separate")
+    parser.add_argument("--n", type=int, default=20, help="prompts per group for the KN search")
+    parser.add_argument("--eval-n", type=int, default=None,
+                        help="pairs per paradigm for BLiMP accuracy (default: --n times the groups)")
+    parser.add_argument("--steps", type=int, default=20, help="integrated-gradients points")
+    parser.add_argument("--threshold", type=float, default=0.2, help="coarse threshold, fraction of max")
+    parser.add_argument("--tau", type=float, default=0.7, help="starting refinement threshold")
+    parser.add_argument("--no-adaptive", action="store_true", help="keep tau fixed")
+    parser.add_argument("--data-dir", default=None, help="folder with blimp/ (default: $KN_DATA_DIR)")
+    parser.add_argument("--out", default="results", help="output folder")
+    parser.add_argument("--no-figures", action="store_true")
+
+
+def _paradigms(values) -> list[str]:
+    return [p.strip() for v in values for p in v.split(",") if p.strip()]
+
+
+def _label(neuron) -> str:
+    return f"L{neuron[0]}.N{neuron[1]}"
+
+
+def localise_paradigm(lm, uid, *, n, eval_n=None, steps=20, threshold=0.2, tau=0.7, adaptive=True,
+                      data_dir=None):
+    """KN search per group of one paradigm: (summary dict, groups DataFrame, prompts DataFrame, maps)."""
+    import torch
+
+    from ..attribution import attribution_maps, find_knowledge_neurons
+    from ..data import blimp
+
+    if not isinstance(n, int) or n < 2:
+        raise ValueError(f"--n must be an integer >= 2 (R²₁ and tau need several prompts), got {n!r}")
+    uid = blimp.resolve_uid(uid, data_dir)
+    pairs = blimp.minimal_pairs(lm, uid, data_dir)
+    groups = [g for g in pd.unique(pairs["group"].dropna())] or [None]
+    group_rows, prompt_rows, maps, results = [], [], {}, {}
+    for group in tqdm(groups, desc=f"{uid} groups"):
+        sel = pairs if group is None else pairs[pairs["group"] == group]
+        sub = sel[sel["n_good_tokens"] == 1].head(n)
+        if len(sub) < 2:
+            continue
+        prompts, targets = list(sub["prompt"]), list(sub["good"])
+        maps[group] = attribution_maps(lm, prompts, targets, steps=steps, progress=True)
+        res = find_knowledge_neurons(lm, prompts, targets, maps=maps[group], threshold=threshold,
+                                     tau=tau, adaptive=adaptive, progress=False)
+        results[group] = res
+        group_rows.append({"paradigm": uid, "group": group, "n_prompts": len(sub),
+                           "kn_count_tau_0.7": res.n_initial, "tau": res.tau, "r2": res.r2,
+                           "n_neurons": len(res.neurons), "converged": res.converged,
+                           "neurons": " ".join(_label(x) for x in res.neurons), "message": res.message})
+        kn_index = torch.tensor([[layer, unit] for layer, unit in res.neurons], dtype=torch.long)
+        for i, (prompt, target) in enumerate(zip(prompts, targets)):
+            m = maps[group][i]
+            flat = int(m.argmax())
+            kn_sum = float(m[kn_index[:, 0], kn_index[:, 1]].sum()) if len(kn_index) else 0.0
+            prompt_rows.append({"paradigm": uid, "group": group, "prompt": prompt, "target": target,
+                                "max_score": float(m.max()),
+                                "top_neuron": _label((flat // m.shape[1], flat % m.shape[1])),
+                                "n_coarse": len(res.coarse[i]), "kn_score_sum": kn_sum})
+    if not results:
+        raise ValueError(f"{uid}: no group has two or more single-token pairs for {lm.name}")
+    ev = pairs.head(eval_n or n * len(results))
+    summary = {"model": lm.name, "paradigm": uid, "source": pairs.attrs["source"],
+               "pairs_available": len(pairs), "skipped": pairs.attrs["n_skipped"], "steps": steps,
+               "threshold": threshold, "tau_start": tau, "groups": {}}
+    before = blimp.accuracy(lm, ev)
+    for group, res in results.items():
+        after = blimp.accuracy(lm, ev, neurons=res.neurons) if res.neurons else before
+        summary["groups"][str(group)] = {
+            "n_prompts": res.n_prompts, "neurons": [list(x) for x in res.neurons], "tau": res.tau,
+            "kn_count_tau_0.7": res.n_initial, "r2": res.r2, "converged": res.converged,
+            "message": res.message, "accuracy_before": before, "accuracy_after_suppression": after,
+            "eval_pairs": len(ev)}
+    return summary, pd.DataFrame(group_rows), pd.DataFrame(prompt_rows), maps
+
+
+def run(args) -> int:
+    import kn_utils as ku
+
+    from ..plotting import attribution as plots
+
+    lm = ku.load_model(args.model, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for uid in _paradigms(args.paradigm):
+        summary, groups, prompts, maps = localise_paradigm(
+            lm, uid, n=args.n, eval_n=args.eval_n, steps=args.steps, threshold=args.threshold,
+            tau=args.tau, adaptive=not args.no_adaptive, data_dir=args.data_dir)
+        uid = summary["paradigm"]
+        (out / f"localise_{uid}.json").write_text(json.dumps(summary, indent=2))
+        groups.to_csv(out / f"localise_{uid}_groups.csv", index=False)
+        prompts.to_csv(out / f"localise_{uid}_prompts.csv", index=False)
+        print(groups[["paradigm", "group", "n_prompts", "kn_count_tau_0.7", "tau", "r2", "neurons"]]
+              .to_string(index=False))
+        for group, info in summary["groups"].items():
+            print(f"  {group}: BLiMP accuracy {info['accuracy_before']:.3f} -> "
+                  f"{info['accuracy_after_suppression']:.3f} with its {len(info['neurons'])} KNs suppressed")
+        if args.no_figures:
+            continue
+        figures = out / "figures"
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", str(uid))
+        for group, m in maps.items():
+            neurons = [tuple(x) for x in summary["groups"][str(group)]["neurons"]] or None
+            plots.plot_attribution_heatmap(m, neurons, width=6, title=f"{uid}: {group}",
+                                           save=f"{slug}_{group}_heatmap", folder=figures)
+        plots.plot_layer_distribution(
+            {str(g): [tuple(x) for x in info["neurons"]] for g, info in summary["groups"].items()},
+            lm.arch.n_layers, normalise=False, title=f"{uid}: KN layers",
+            save=f"{slug}_layers", folder=figures)
+    print(f"wrote {out.resolve()}")
+    return 0

@@ -1,0 +1,83 @@
+"""ROME's known facts (for causal tracing) and CounterFact (for edit evaluation).
+
+Files come from ``data_root()/counterfact/`` (see ``shared/data/README.md``): ``known_1000.json`` and
+``easyedit-split/counterfact-{train,val,edit}.json``.  Without them, :func:`load_known_facts` falls back
+to a small list the project writes itself (``data/builtin/known_facts.json``: landmarks, companies
+and people whose completion the default model gets right).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from . import BUILTIN_DIR, data_root
+
+KNOWN_FILE = "known_1000.json"
+BUILTIN_KNOWN = BUILTIN_DIR / "builtin" / "known_facts.json"
+KNOWN_COLUMNS = ("known_id", "subject", "attribute", "template", "prediction", "prompt", "relation_id")
+COUNTERFACT_SPLITS = ("train", "val", "edit")
+
+
+def _check_n(n):
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"n must be None or a positive integer, got {n!r}")
+
+
+def _read_json(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def load_known_facts(data_dir=None, n: int | None = None, *, builtin: bool = False) -> pd.DataFrame:
+    """ROME's known facts as a DataFrame (known_id, subject, attribute, template, prediction, prompt,
+    relation_id, target), first ``n`` rows.
+
+    ``target`` is the attribute with a leading space (the token the model should produce).  Uses
+    ``counterfact/known_1000.json`` under the data folder, else (or with ``builtin=True``) the
+    project's built-in list.
+    """
+    _check_n(n)
+    root = None if builtin else data_root(data_dir)
+    path = root / "counterfact" / KNOWN_FILE if root is not None else None
+    if path is None or not path.exists():
+        if data_dir is not None and not builtin:
+            raise FileNotFoundError(f"{KNOWN_FILE} not found under {data_dir}/counterfact")
+        path = BUILTIN_KNOWN
+    rows = _read_json(path)
+    df = pd.DataFrame(rows)
+    missing = {"subject", "attribute", "prompt"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path}: known facts lack fields {sorted(missing)}")
+    for col in KNOWN_COLUMNS:
+        if col not in df.columns:
+            df[col] = range(len(df)) if col == "known_id" else None
+    df = df[list(KNOWN_COLUMNS)].copy()
+    df["target"] = " " + df["attribute"].astype(str).str.strip()
+    bad = [r.prompt for r in df.itertuples() if r.subject not in r.prompt]
+    if bad:
+        raise ValueError(f"{path}: subject not in prompt for {len(bad)} facts, e.g. {bad[0]!r}")
+    df.attrs["source"] = str(path)
+    return df.head(n).reset_index(drop=True) if n else df
+
+
+def load_counterfact(data_dir=None, split: str = "edit", n: int | None = None) -> pd.DataFrame:
+    """CounterFact in EasyEdit's reduced format: case_id, prompt, subject, target_new, ground_truth,
+    rephrase_prompt, locality_prompt, locality_ground_truth; first ``n`` rows of ``split``."""
+    _check_n(n)
+    if split not in COUNTERFACT_SPLITS:
+        raise ValueError(f"unknown CounterFact split {split!r}; choose one of {COUNTERFACT_SPLITS}")
+    root = data_root(data_dir)
+    if root is None:
+        raise FileNotFoundError("no data folder: pass data_dir= or set KN_DATA_DIR to the folder "
+                                "holding counterfact/easyedit-split/")
+    path = root / "counterfact" / "easyedit-split" / f"counterfact-{split}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"CounterFact file not found: {path}")
+    df = pd.DataFrame(_read_json(path))
+    df.attrs["source"] = str(path)
+    return df.head(n).reset_index(drop=True) if n else df
+
+
+__all__ = ["load_known_facts", "load_counterfact"]

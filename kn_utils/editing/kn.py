@@ -1,0 +1,228 @@
+"""Knowledge-neuron interventions (Dai et al.): suppress / enhance, fact update, erasure.
+
+    df = measure_intervention(lm, prompts, ["these", "this", "the"], [(9, 1094)], mode="suppress")
+    intervention_summary(df)          # per token: pre_mean, post_mean, rel_change, t, p, n
+    with kn_edit(lm, neurons, "Paris", "Rome"): ...      # value slots moved; restored on exit
+    edit = kn_erase(lm, neurons); ...; edit.restore()
+
+Activations are changed through forward pre-hooks (removed in ``finally``); weights through
+:class:`~kn_utils.editing.base.WeightEdit`, which restores them bit-exactly.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pandas as pd
+import torch
+from scipy import stats
+from tqdm.auto import tqdm
+
+from ..hooks import modify
+from ..targets import MASK_PLACEHOLDER, pad_batch, prepare, prompt_ids, read_position
+from .base import WeightEdit
+
+__all__ = ["measure_intervention", "intervention_summary", "intervene", "kn_edit", "kn_erase",
+           "KNEdit", "first_token_id"]
+
+
+def _neurons_by_layer(lm, neurons) -> dict[int, list[int]]:
+    """Validated, de-duplicated {layer: [neuron, ...]}."""
+    if neurons is None or isinstance(neurons, (str, bytes)):
+        raise ValueError(f"neurons must be a list of (layer, neuron) pairs, got {neurons!r}")
+    grouped: dict[int, list[int]] = defaultdict(list)
+    for item in neurons:
+        try:
+            layer, neuron = item
+        except (TypeError, ValueError):
+            raise ValueError(f"a neuron is a (layer, neuron) pair, got {item!r}") from None
+        layer, neuron = int(layer), int(neuron)
+        lm.arch.check_neuron(layer, neuron)
+        if neuron not in grouped[layer]:
+            grouped[layer].append(neuron)
+    if not grouped:
+        raise ValueError("no neurons given: pass a non-empty list of (layer, neuron) pairs")
+    return dict(grouped)
+
+
+def intervene(lm, neurons, factor: float, positions: torch.Tensor | None):
+    """Context manager: multiply ``neurons`` by ``factor`` at one position per batch row.
+
+    ``positions``: tensor [batch] of the position to change in each row (None: every position).
+    Unlike ``hooks.scale_neurons``, each row of a right-padded batch can have its own position.
+    """
+    grouped = _neurons_by_layer(lm, neurons)
+
+    def scaler(units):
+        def fn(value):
+            mask = torch.zeros(value.shape, dtype=torch.bool, device=value.device)
+            idx = torch.as_tensor(units, device=value.device)
+            if positions is None:
+                mask[:, :, idx] = True
+            else:
+                rows = torch.arange(value.shape[0], device=value.device)
+                pos = positions.to(value.device)
+                mask[rows[:, None], pos[:, None], idx[None, :]] = True
+            return torch.where(mask, value * factor, value)
+        return fn
+    return modify(lm, "neurons", {layer: scaler(units) for layer, units in grouped.items()})
+
+
+def first_token_id(lm, target: str, prompt: str | None = None) -> int:
+    """Id of the first token of ``target`` as the model produces it after ``prompt``.
+
+    Without a prompt, after a neutral context ("Answer:" / a lone mask) so that causal BPE models get
+    the leading-space form (" Paris"), exactly as :func:`kn_utils.targets.prepare` tokenises targets.
+    """
+    if prompt is None:
+        prompt = f"{MASK_PLACEHOLDER} ." if lm.arch.is_masked_lm else "Answer:"
+    return prepare(lm, prompt, target).target_ids[0]
+
+
+def _positions_spec(positions):
+    if positions in ("target", -1, None):
+        return positions
+    raise ValueError(f"positions must be 'target' (the read position), -1 (each prompt's last "
+                     f"token) or None (every position), got {positions!r}")
+
+
+def measure_intervention(lm, prompts, tokens, neurons, *, mode: str = "suppress", factor: float = 2.0,
+                         positions="target", batch_size: int = 32,
+                         progress: bool = False) -> pd.DataFrame:
+    """Probability of each candidate token before and after suppressing / enhancing ``neurons``.
+
+    ``prompts``: list of prompts (masked LM: with one mask; causal: the text before the candidate).
+    ``tokens``: candidate strings; each is scored by its first token as the next token / mask
+    filler (leading-space-correct, via :func:`kn_utils.targets.prepare`).  ``mode="suppress"`` sets
+    the activations to 0, ``"enhance"`` multiplies them by ``factor``.  ``positions``: ``"target"``
+    (the read position, Dai et al.), ``-1`` (each prompt's last real token) or None (all).
+    Returns a DataFrame with one row per (prompt, token): prompt, token, token_id, pre, post.
+    """
+    if isinstance(prompts, str) or isinstance(tokens, str):
+        raise ValueError("prompts and tokens must be lists of strings (not a single string)")
+    prompts, tokens = list(prompts), list(tokens)
+    if not prompts:
+        raise ValueError("no prompts: pass a non-empty list")
+    if not tokens:
+        raise ValueError("no tokens: pass a non-empty list of candidate strings")
+    if mode not in ("suppress", "enhance"):
+        raise ValueError(f"unknown mode={mode!r}; choose 'suppress' or 'enhance'")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    positions = _positions_spec(positions)
+    _neurons_by_layer(lm, neurons)
+    scale = 0.0 if mode == "suppress" else float(factor)
+
+    seqs = [prompt_ids(lm, p) for p in prompts]
+    reads = [read_position(lm, s) for s in seqs]
+    token_ids = [[first_token_id(lm, t, p) for t in tokens] for p in prompts]
+
+    rows = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(prompts), batch_size), desc="intervention",
+                          disable=not progress):
+            sl = slice(start, start + batch_size)
+            ids, mask = pad_batch(lm, seqs[sl])
+            read = torch.as_tensor(reads[sl], device=ids.device)
+            r = torch.arange(len(read), device=ids.device)
+            if positions == "target":
+                where = read
+            elif positions == -1:
+                where = mask.sum(1) - 1
+            else:
+                where = None
+            pre = lm.model(input_ids=ids, attention_mask=mask).logits[r, read].float().softmax(-1)
+            with intervene(lm, neurons, scale, where):
+                post = lm.model(input_ids=ids, attention_mask=mask).logits[r, read].float().softmax(-1)
+            tid = torch.as_tensor(token_ids[sl], device=ids.device)
+            pre_p, post_p = pre.gather(1, tid).cpu(), post.gather(1, tid).cpu()
+            for i, prompt in enumerate(prompts[sl]):
+                for j, token in enumerate(tokens):
+                    rows.append((prompt, token, int(tid[i, j]), float(pre_p[i, j]),
+                                 float(post_p[i, j])))
+    return pd.DataFrame(rows, columns=["prompt", "token", "token_id", "pre", "post"])
+
+
+def intervention_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per token: pre_mean, post_mean, rel_change, t, p, n (tokens in order of first appearance).
+
+    rel_change = (post_mean − pre_mean) / min(post_mean, pre_mean) (the paper's Fig 3); t and p
+    from a two-sample t-test of the pre against the post probabilities (scipy ``ttest_ind``).
+    """
+    missing = {"token", "pre", "post"} - set(df.columns)
+    if missing:
+        raise ValueError(f"intervention_summary needs columns token, pre, post; missing {sorted(missing)}")
+    out = []
+    for token, group in df.groupby("token", sort=False):
+        pre, post = group["pre"].to_numpy(float), group["post"].to_numpy(float)
+        pre_mean, post_mean = pre.mean(), post.mean()
+        denom = min(pre_mean, post_mean)
+        rel = (post_mean - pre_mean) / denom if denom > 0 else float("nan")
+        if len(pre) > 1:
+            test = stats.ttest_ind(pre, post)
+            t, p = float(test.statistic), float(test.pvalue)
+        else:
+            t = p = float("nan")
+        out.append((token, pre_mean, post_mean, rel, t, p, len(pre)))
+    return pd.DataFrame(out, columns=["token", "pre_mean", "post_mean", "rel_change", "t", "p", "n"])
+
+
+class KNEdit(WeightEdit):
+    """Dai et al.'s edit of knowledge-neuron value slots (rows of ``lm.arch.value_slots(layer)``).
+
+    slot_i ← slot_i − λ1·e(t_old) + λ2·e(t_new); with ``erase`` the slots are set to zero.
+    """
+
+    def __init__(self, lm, neurons, *, target_old: str | None = None, target_new: str | None = None,
+                 lambda1: float = 1.0, lambda2: float = 8.0, erase: bool = False,
+                 prompt: str | None = None):
+        self.by_layer = _neurons_by_layer(lm, neurons)
+        self.neurons = sorted((layer, n) for layer, units in self.by_layer.items() for n in units)
+        self.erase = erase
+        self.lambda1, self.lambda2 = float(lambda1), float(lambda2)
+        self.target_old, self.target_new = target_old, target_new
+        desc = (f"erase {len(self.neurons)} neurons" if erase else
+                f"{target_old!r} -> {target_new!r} on {len(self.neurons)} neurons")
+        super().__init__(lm, desc)
+        self._delta = None
+        if not erase:
+            emb = lm.arch.embed.weight
+            if emb.shape[1] != lm.arch.d_model:
+                raise ValueError(f"input embeddings have width {emb.shape[1]} but value slots "
+                                 f"{lm.arch.d_model}: the KN edit needs them equal")
+            old = first_token_id(lm, target_old, prompt)
+            new = first_token_id(lm, target_new, prompt)
+            self.token_ids = (old, new)
+            with torch.no_grad():
+                e_old, e_new = emb[old].detach().clone(), emb[new].detach().clone()
+                self._delta = (self.lambda2 * e_new.double() - self.lambda1 * e_old.double())
+
+    def _apply(self) -> None:
+        for layer, units in self.by_layer.items():
+            param = self.lm.arch.mlp_out[layer].weight
+            self._save(param)
+            slots = self.lm.arch.value_slots(layer)  # a view of ``param``
+            idx = torch.as_tensor(units, device=slots.device)
+            if self.erase:
+                slots[idx] = 0
+            else:
+                delta = self._delta.to(slots.device)
+                slots[idx] = (slots[idx].double() + delta).to(slots.dtype)
+
+
+def kn_edit(lm, neurons, target_old: str, target_new: str, *, lambda1: float = 1.0,
+            lambda2: float = 8.0, prompt: str | None = None) -> KNEdit:
+    """Dai et al.'s fact update, applied on creation: each neuron's value slot
+    ← slot − λ1·e(target_old) + λ2·e(target_new), e = input embedding of the target's first token
+    (as produced after ``prompt``, or leading-space-correct without one).  ``.restore()`` undoes it
+    exactly; also usable as ``with kn_edit(...):``.
+    """
+    for name, value in (("target_old", target_old), ("target_new", target_new)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"empty {name}: must be a non-empty string, got {value!r}")
+    return KNEdit(lm, neurons, target_old=target_old, target_new=target_new, lambda1=lambda1,
+                  lambda2=lambda2, prompt=prompt).apply()
+
+
+def kn_erase(lm, neurons) -> KNEdit:
+    """Zero the value slots of ``neurons`` (Dai et al.'s knowledge erasure); ``.restore()`` undoes it."""
+    return KNEdit(lm, neurons, erase=True).apply()

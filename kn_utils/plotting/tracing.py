@@ -1,0 +1,140 @@
+"""Causal-trace and editing figures: trace heatmaps (Fig 7), average indirect effects by token class
+(Fig 13) and ROME edit success by layer.  Each function returns the figure and, given ``name``,
+saves it through :func:`kn_utils.plotting.save_figure`."""
+from __future__ import annotations
+
+import numpy as np
+
+CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+TITLES = {"hidden": "single restored layer", "mlp": "center of interval of restored MLP layers",
+          "attn": "center of interval of restored attention layers"}
+KIND_NAMES = {"hidden": "hidden state", "mlp": "MLP", "attn": "Attn"}
+CLASS_COLOURS = {"first subject token": "#1f77b4", "middle subject tokens": "#17becf",
+                 "last subject token": "#d62728", "first subsequent token": "#2ca02c",
+                 "further tokens": "#9467bd", "last token": "#ff7f0e"}
+
+
+def _save(fig, name, folder):
+    if name:
+        from . import save_figure
+        save_figure(fig, name, folder)
+    return fig
+
+
+def _plt():
+    import matplotlib.pyplot as plt  # headless sessions fall back to Agg by themselves
+    return plt
+
+
+def _draw_trace(ax, result, model_name=None, colorbar=True):
+    scores = np.asarray(result.scores, dtype=float)
+    b, e = result.subject_range
+    labels = [repr(t)[1:-1] + ("*" if b <= i < e else "") for i, t in enumerate(result.tokens)]
+    mesh = ax.pcolormesh(scores, cmap=CMAPS.get(result.kind, "Purples"), vmin=result.low_score,
+                         vmax=max(np.nanmax(scores), result.low_score + 1e-9))
+    ax.invert_yaxis()
+    ax.set_yticks(np.arange(len(labels)) + 0.5)
+    ax.set_yticklabels(labels)
+    n_layers = scores.shape[1]
+    step = max(1, n_layers // 6)
+    ax.set_xticks(np.arange(0, n_layers, step) + 0.5)
+    ax.set_xticklabels(range(0, n_layers, step))
+    where = f" within {model_name}" if model_name else ""
+    window = f" ({result.window})" if result.kind != "hidden" else ""
+    ax.set_xlabel(TITLES.get(result.kind, "layer") + window + where, fontsize=8)
+    ax.set_title(f"Impact of restoring {KIND_NAMES.get(result.kind, result.kind)} after corrupted input",
+                 fontsize=9)
+    if colorbar:
+        cb = ax.figure.colorbar(mesh, ax=ax)
+        cb.ax.set_title(f"p({result.answer.strip()})", y=-0.12, fontsize=8)
+    return mesh
+
+
+def plot_trace(result, *, name=None, folder=None, model_name=None, ax=None):
+    """One trace heatmap (tokens x layers); corrupted (subject) tokens are starred."""
+    plt = _plt()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(3.6, 0.25 * len(result.tokens) + 1.4))
+    else:
+        fig = ax.figure
+    _draw_trace(ax, result, model_name)
+    return _save(fig, name, folder)
+
+
+def plot_trace_panels(results, *, name=None, folder=None, model_name=None, title=None):
+    """Fig 7: hidden / MLP / attention traces of one prompt side by side (Purples / Greens / Reds).
+
+    ``results``: a dict kind -> TraceResult or a list of TraceResults.
+    """
+    plt = _plt()
+    if isinstance(results, dict):
+        results = [results[k] for k in ("hidden", "mlp", "attn") if k in results]
+    results = list(results)
+    if not results:
+        raise ValueError("no trace results to plot")
+    height = 0.25 * len(results[0].tokens) + 1.6
+    fig, axes = plt.subplots(1, len(results), figsize=(3.9 * len(results), height), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        _draw_trace(ax, result, model_name)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, name, folder)
+
+
+def plot_aie(aie, *, name=None, folder=None, title=None, classes=None):
+    """Fig 13: average indirect effect per layer, one line per token class, 95% band.
+
+    ``aie``: the DataFrame of :func:`kn_utils.tracing.average_indirect_effect` (one kind), or a dict /
+    concatenation with several kinds (one panel per kind).
+    """
+    import pandas as pd
+
+    plt = _plt()
+    if isinstance(aie, dict):
+        aie = pd.concat([df.assign(kind=k) for k, df in aie.items()], ignore_index=True)
+    if aie.empty:
+        raise ValueError("empty AIE table")
+    kinds = list(dict.fromkeys(aie["kind"]))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        part = aie[aie["kind"] == kind]
+        for cls in classes or list(dict.fromkeys(part["token_class"])):
+            rows = part[part["token_class"] == cls].sort_values("layer")
+            if rows.empty:
+                continue
+            colour = CLASS_COLOURS.get(cls)
+            ax.plot(rows["layer"], rows["aie"], label=cls, color=colour)
+            ax.fill_between(rows["layer"], rows["aie"] - rows["ci95"], rows["aie"] + rows["ci95"],
+                            color=colour, alpha=0.2, linewidth=0)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("average indirect effect")
+        ax.set_title(f"AIE of restoring {KIND_NAMES.get(kind, kind)}", fontsize=9)
+        ax.axhline(0, color="grey", linewidth=0.5)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, name, folder)
+
+
+def plot_edit_success_by_layer(df, *, name=None, folder=None, title=None,
+                               metrics=("efficacy", "paraphrase")):
+    """Edit success of ROME applied at each layer (a layer sweep with columns layer + metrics)."""
+    plt = _plt()
+    missing = {"layer", *[m for m in metrics if m in ("efficacy", "paraphrase")]} - set(df.columns)
+    if missing:
+        raise ValueError(f"layer sweep table lacks columns {sorted(missing)}")
+    table = df.groupby("layer")[[m for m in metrics if m in df.columns]].mean().sort_index()
+    fig, ax = plt.subplots(figsize=(4.5, 3.0))
+    for metric in table.columns:
+        ax.plot(table.index, table[metric], marker="o", markersize=3, label=metric)
+    ax.set_xlabel("edited layer")
+    ax.set_ylabel("success")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "ROME edit success by layer", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, name, folder)
+
+
+__all__ = ["plot_trace", "plot_trace_panels", "plot_aie", "plot_edit_success_by_layer"]
