@@ -21,4 +21,7 @@ from .tracing import (TraceResult, aggregate_traces, average_indirect_effect, ca
                       noise_level, restored_score)
 from .data.counterfact import load_counterfact, load_known_facts
 
+from .data.blimp import expand_templates, load_paradigm, minimal_pairs
+from .data.blimp import accuracy as blimp_accuracy, pair_scores as blimp_pair_scores
+
 __version__ = "0.1.0"

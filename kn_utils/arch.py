@@ -55,6 +55,18 @@ _ATTN_OUT_NAMES = (
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "decoder.final_layer_norm", "final_layernorm")
 
 
+# Encoder families that are masked LMs when a checkpoint's config does not name its head class.
+_MASKED_LM_TYPES = ("bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta", "deberta-v2")
+
+
+def config_is_masked_lm(config) -> bool:
+    """Whether a checkpoint with this config should be loaded as a masked LM (else a causal LM)."""
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return any(a.endswith("ForMaskedLM") for a in archs)
+    return getattr(config, "model_type", None) in _MASKED_LM_TYPES
+
+
 class UnsupportedArchitecture(ValueError):
     """The model's module layout is not one kn_utils knows how to read."""
 

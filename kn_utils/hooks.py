@@ -202,25 +202,28 @@ def add_activation(lm, site: str, layer, delta, *, units: Index = None, position
     return _edit(lm, site, layer, units, positions, rows, op)
 
 
-def _by_layer(lm, neurons) -> dict[int, list[int]]:
+def neurons_by_layer(lm, neurons) -> dict[int, list[int]]:
+    """Validate ``neurons`` [(layer, neuron), ...] and group them: {layer: [neuron, ...]} (no repeats)."""
+    if neurons is None or isinstance(neurons, (str, bytes)):
+        raise ValueError(f"neurons must be a list of (layer, neuron) pairs, got {neurons!r}")
     grouped: dict[int, list[int]] = defaultdict(list)
-    neurons = list(neurons)
-    if not neurons:
-        raise ValueError("no neurons given: pass a list of (layer, neuron) pairs")
     for item in neurons:
         try:
-            layer, neuron = item
+            layer, neuron = (int(x) for x in item)
         except (TypeError, ValueError):
             raise ValueError(f"a neuron is a (layer, neuron) pair, got {item!r}") from None
-        lm.arch.check_neuron(int(layer), int(neuron))
-        grouped[int(layer)].append(int(neuron))
-    return grouped
+        lm.arch.check_neuron(layer, neuron)
+        if neuron not in grouped[layer]:
+            grouped[layer].append(neuron)
+    if not grouped:
+        raise ValueError("no neurons given: pass a non-empty list of (layer, neuron) pairs")
+    return dict(grouped)
 
 
 @contextmanager
 def scale_neurons(lm, neurons, factor: float, *, positions: Index = None, rows: Index = None):
     """Multiply the listed (layer, neuron) activations by ``factor`` (all positions by default)."""
-    grouped = _by_layer(lm, neurons)
+    grouped = neurons_by_layer(lm, neurons)
     with ExitStack() as stack:
         for layer, units in grouped.items():
             stack.enter_context(scale_activation(lm, "neurons", layer, factor, units=units,

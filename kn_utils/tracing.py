@@ -20,6 +20,11 @@ remove work the per-cell loop repeats:
   sample and handed over as a KV cache; the batch only runs positions t .. end;
 * a cell before the subject restores a state that the noise never reached, so its score is the
   corrupted score itself and no forward is needed.
+
+Any model, causal or masked: below a cell's lowest restored layer its rows equal the corrupted run,
+so a forward starts with one corrupted row per noise sample and a pre-hook on each block appends
+copies of those rows for the cells that start restoring there (blocks below layer l run at batch
+``samples``, not ``samples x cells``).
 """
 from __future__ import annotations
 
@@ -190,6 +195,52 @@ def _cache_arg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _layered_cache(cache, n_layers) -> bool:
+    """The cache holds one layer per block whose rows can be selected (transformers' Cache API)."""
+    layers = getattr(cache, "layers", None)
+    return layers is not None and len(layers) == n_layers and all(
+        hasattr(layer, "batch_select_indices") for layer in layers)
+
+
+def _widener(samples: int, new_cells: int, index: torch.Tensor):
+    """Block pre-hook: append ``new_cells`` copies of the first ``samples`` rows (the corrupted
+    carrier) to the hidden state; other batch-``samples`` tensors (masks) are widened to match."""
+    def widen_other(value, hidden):
+        if torch.is_tensor(value) and value is not hidden and samples > 1 and value.dim() >= 2 \
+                and value.shape[0] == samples:
+            return value.index_select(0, index.to(value.device))
+        if isinstance(value, tuple):
+            return tuple(widen_other(v, hidden) for v in value)
+        return value
+
+    def widen(module, args, kwargs):
+        positional = bool(args) and torch.is_tensor(args[0])
+        hidden = args[0] if positional else kwargs.get("hidden_states")
+        if not torch.is_tensor(hidden):
+            return None
+        new = hidden
+        if new_cells:
+            carrier = hidden[:samples]
+            new = torch.cat([hidden, carrier.repeat(new_cells, *[1] * (hidden.dim() - 1))])
+        args = tuple(widen_other(a, hidden) for a in args)
+        kwargs = {k: widen_other(v, hidden) for k, v in kwargs.items()}
+        if positional:
+            args = (new,) + args[1:]
+        else:
+            kwargs["hidden_states"] = new
+        return args, kwargs
+    return widen
+
+
+def _grower(samples: int, new_cells: int):
+    """Block forward hook: append ``new_cells`` copies of the carrier rows to the block's output."""
+    def grow(module, args, output):
+        value = output[0] if isinstance(output, tuple) else output
+        new = torch.cat([value, value[:samples].repeat(new_cells, *[1] * (value.dim() - 1))])
+        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+    return grow
+
+
 class _Tracer:
     """Clean run, noise and the batched restore loop for one prompt."""
 
@@ -299,24 +350,75 @@ class _Tracer:
 
     @torch.no_grad()
     def _run_chunk(self, cells, start, n_tok) -> torch.Tensor:
-        n, width = len(cells), n_tok - start
+        """Mean score of each cell; rows join the batch only at their lowest restored layer.
+
+        The forward starts with one corrupted row per noise sample (the carrier).  Below a cell's
+        lowest restored layer its rows equal the carrier, so a pre-hook on each block appends, per
+        cell that starts restoring there, a copy of the carrier rows (row = S * (1 + c) + s for the
+        c-th cell in order of appearance and sample s).  Tensors of batch S handed to the blocks
+        (masks) and the prefix cache of each layer are widened to that layer's rows.  When the
+        site is the block output ("hidden"), the rows join after that block (a forward hook).
+        """
+        samples, n_layers, width = self.samples, self.lm.arch.n_layers, n_tok - start
+        past = self._prefix(1, start) if start > 0 else None
+        lows = [min((layer for _, layer in cell), default=0) for cell in cells]
+        progressive = past is None or _layered_cache(past, n_layers)
+        if not progressive:
+            lows = [0] * len(cells)
+        order = sorted(range(len(cells)), key=lambda c: lows[c])
+        counts = [0] * n_layers
+        for c in order:
+            counts[lows[c]] += 1
+        rows_at, total = [], 1
+        for layer in range(n_layers):
+            total += counts[layer]
+            rows_at.append(samples * total)
+        dev = self.lm.device
         masks: dict[int, torch.Tensor] = {}
-        for c, cell in enumerate(cells):
-            for t, layer in cell:
+        for slot, c in enumerate(order):
+            first = samples * (1 + slot)
+            for t, layer in cells[c]:
                 if layer not in masks:
-                    masks[layer] = torch.zeros(n, width, dtype=torch.bool)
-                masks[layer][c, t - start] = True
-        fns = {layer: self._restorer(layer, mask.to(self.lm.device).repeat(self.samples, 1), start)
-               for layer, mask in masks.items()}
-        rows = n * self.samples
-        past = self._prefix(n, start) if start > 0 else None
-        attention = torch.ones(rows, n_tok, dtype=torch.long, device=self.lm.device) \
+                    masks[layer] = torch.zeros(rows_at[layer], width, dtype=torch.bool)
+                masks[layer][first:first + samples, t - start] = True
+        fns = {layer: self._restorer(layer, mask.to(dev), start) for layer, mask in masks.items()}
+        lowest = min(lows, default=n_layers)
+        # a block-output site ("hidden"): block l itself runs as in the corrupted run for a cell
+        # restoring its output, so the cell's rows join after block l instead of before it
+        after = self._joins_after_block()
+        inside = [rows_at[layer - 1] if layer else samples for layer in range(n_layers)] \
+            if after else rows_at
+        index = {layer: torch.arange(inside[layer], device=dev) % samples
+                 for layer in range(lowest, n_layers)}
+        if past is not None:
+            for layer in range(lowest, n_layers):
+                if inside[layer] > samples:
+                    past.layers[layer].batch_select_indices(index[layer])
+        attention = torch.ones(samples, n_tok, dtype=torch.long, device=dev) \
             if past is not None else None
-        ids = self.ids_t[None, start:].expand(rows, -1)
-        with modify(self.lm, "embed", {0: self._corrupt(n, start)}), modify(self.lm, self.site, fns):
-            logits = self._logits(ids, start, past, attention)
-        probs = logits.float().softmax(-1)[:, self.answer_id]
-        return probs.view(self.samples, n).mean(0)
+        ids = self.ids_t[None, start:].expand(samples, -1)
+        hooks = HookSet()
+        try:
+            for layer in range(lowest, n_layers):  # before modify(): later hooks see the rows
+                block = self.lm.arch.blocks[layer]
+                hooks.add(block, _widener(samples, 0 if after else counts[layer], index[layer]),
+                          pre=True, with_kwargs=True)
+                if after and counts[layer]:
+                    hooks.add(block, _grower(samples, counts[layer]), pre=False)
+            with modify(self.lm, "embed", {0: self._corrupt(1, start)}), \
+                    modify(self.lm, self.site, fns):
+                logits = self._logits(ids, start, past, attention)
+        finally:
+            hooks.remove()
+        probs = logits.float().softmax(-1)[samples:, self.answer_id]
+        means = probs.view(len(cells), samples).mean(1)
+        out = torch.empty_like(means)
+        out[torch.as_tensor(order, device=dev)] = means
+        return out
+
+    def _joins_after_block(self) -> bool:
+        module, pre = self.lm.arch.module(self.site, 0)
+        return not pre and module is self.lm.arch.blocks[0]
 
     def _restorer(self, layer, mask, start):
         clean = self.clean[layer][:, start:]

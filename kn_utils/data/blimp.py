@@ -434,18 +434,6 @@ def expand_templates(lm, uid: str = _DNA + "2", data_dir=None, n: int | None = N
 # --------------------------------------------------------------------------------------------------
 # Accuracy: P(good) > P(bad) at the read position (Fig 6b)
 # --------------------------------------------------------------------------------------------------
-def _neurons_by_layer(lm, neurons) -> dict[int, list[int]]:
-    grouped: dict[int, list[int]] = {}
-    for item in neurons:
-        try:
-            layer, unit = (int(x) for x in item)
-        except (TypeError, ValueError):
-            raise ValueError(f"a neuron is a (layer, neuron) pair, got {item!r}") from None
-        lm.arch.check_neuron(layer, unit)
-        grouped.setdefault(layer, []).append(unit)
-    return grouped
-
-
 def pair_scores(lm, pairs: pd.DataFrame, *, batch_size: int = 32, neurons=None, factor: float = 0.0,
                 progress: bool = False) -> pd.DataFrame:
     """``pairs`` with ``logp_good``, ``logp_bad`` (teacher-forced sums over target tokens) and ``correct``.
@@ -456,7 +444,7 @@ def pair_scores(lm, pairs: pd.DataFrame, *, batch_size: int = 32, neurons=None, 
     """
     from tqdm.auto import tqdm
 
-    from ..hooks import modify
+    from ..hooks import modify, neurons_by_layer
     from ..targets import pad_batch, prepare
 
     missing = {"prompt", "good", "bad"} - set(pairs.columns)
@@ -466,9 +454,7 @@ def pair_scores(lm, pairs: pd.DataFrame, *, batch_size: int = 32, neurons=None, 
         raise ValueError("pairs is empty")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    by_layer = _neurons_by_layer(lm, neurons) if neurons is not None else {}
-    if neurons is not None and not by_layer:
-        raise ValueError("neurons is empty: pass None for no intervention")
+    by_layer = neurons_by_layer(lm, neurons) if neurons is not None else {}
     # forward input -> [(position, token, row, column)].  Without an intervention all queries on one
     # input share a forward.  With one, each read position gets its own forward: a teacher-forced
     # multi-token target must not see the neurons scaled at the *other* tokens' positions.

@@ -10,38 +10,18 @@ Activations are changed through forward pre-hooks (removed in ``finally``); weig
 """
 from __future__ import annotations
 
-from collections import defaultdict
 
 import pandas as pd
 import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
-from ..hooks import modify
+from ..hooks import modify, neurons_by_layer
 from ..targets import MASK_PLACEHOLDER, pad_batch, prepare, prompt_ids, read_position
 from .base import WeightEdit
 
 __all__ = ["measure_intervention", "intervention_summary", "intervene", "kn_edit", "kn_erase",
            "KNEdit", "first_token_id"]
-
-
-def _neurons_by_layer(lm, neurons) -> dict[int, list[int]]:
-    """Validated, de-duplicated {layer: [neuron, ...]}."""
-    if neurons is None or isinstance(neurons, (str, bytes)):
-        raise ValueError(f"neurons must be a list of (layer, neuron) pairs, got {neurons!r}")
-    grouped: dict[int, list[int]] = defaultdict(list)
-    for item in neurons:
-        try:
-            layer, neuron = item
-        except (TypeError, ValueError):
-            raise ValueError(f"a neuron is a (layer, neuron) pair, got {item!r}") from None
-        layer, neuron = int(layer), int(neuron)
-        lm.arch.check_neuron(layer, neuron)
-        if neuron not in grouped[layer]:
-            grouped[layer].append(neuron)
-    if not grouped:
-        raise ValueError("no neurons given: pass a non-empty list of (layer, neuron) pairs")
-    return dict(grouped)
 
 
 def intervene(lm, neurons, factor: float, positions: torch.Tensor | None):
@@ -50,7 +30,7 @@ def intervene(lm, neurons, factor: float, positions: torch.Tensor | None):
     ``positions``: tensor [batch] of the position to change in each row (None: every position).
     Unlike ``hooks.scale_neurons``, each row of a right-padded batch can have its own position.
     """
-    grouped = _neurons_by_layer(lm, neurons)
+    grouped = neurons_by_layer(lm, neurons)
 
     def scaler(units):
         def fn(value):
@@ -109,7 +89,7 @@ def measure_intervention(lm, prompts, tokens, neurons, *, mode: str = "suppress"
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     positions = _positions_spec(positions)
-    _neurons_by_layer(lm, neurons)
+    neurons_by_layer(lm, neurons)
     scale = 0.0 if mode == "suppress" else float(factor)
 
     seqs = [prompt_ids(lm, p) for p in prompts]
@@ -175,7 +155,7 @@ class KNEdit(WeightEdit):
     def __init__(self, lm, neurons, *, target_old: str | None = None, target_new: str | None = None,
                  lambda1: float = 1.0, lambda2: float = 8.0, erase: bool = False,
                  prompt: str | None = None):
-        self.by_layer = _neurons_by_layer(lm, neurons)
+        self.by_layer = neurons_by_layer(lm, neurons)
         self.neurons = sorted((layer, n) for layer, units in self.by_layer.items() for n in units)
         self.erase = erase
         self.lambda1, self.lambda2 = float(lambda1), float(lambda2)

@@ -45,6 +45,10 @@ _GEN_PREFIXES = ("The", "Therefore", "Because", "I", "You")
 # --------------------------------------------------------------------------------------------------
 # hyper-parameters
 # --------------------------------------------------------------------------------------------------
+# (family, layers, width) of the models with published ROME settings -> preset name
+_PUBLISHED_SHAPES = {("gpt2", 48, 1600): "gpt2-xl", ("llama", 32, 4096): "llama-2-7b"}
+
+
 @dataclass
 class ROMEHyperParams:
     """ROME settings.  ``layer=None`` / ``v_loss_layer=None`` are resolved per model (see ``resolve``)."""
@@ -69,13 +73,14 @@ class ROMEHyperParams:
     def preset(cls, name: str) -> "ROMEHyperParams":
         """``"gpt2-xl"`` (ROME's published settings), ``"llama-2-7b"`` or ``"default"`` (SmolLM2-135M).
 
-        ``"default"`` (SmolLM2-135M-Instruct, 30 layers): layer 4 is PROVISIONAL.  It is the early-MLP
-        region where ROME edits GPT-2 XL (layer 17 of 48) and LLaMA-2-7B (layer 5 of 32), and a
-        manual check edits "The capital of Canada is" -> " Rome" to top-1 there (p = 0.56 with 12
-        steps and 3 prefixes, 0.99 with the full 20 steps and 20 prefixes, C = I).  The layer sweep
-        ``benchmarks/layer_sweep.py`` (efficacy and paraphrase success per layer, written to
-        ``benchmarks/layer_sweep.csv``) had not finished on the shared CPU when this was written;
-        replace this layer with the sweep's best one when its CSV is in.
+        ``"default"`` (SmolLM2-135M-Instruct, 30 layers): layer 4, chosen by the layer sweep
+        ``benchmarks/layer_sweep.py --layers 2 4 8 14 20`` (P36, 4 requests each, 12 Adam steps, 3
+        context prefixes, covariance from 3,000 WikiText tokens; CSV in ``benchmarks/layer_sweep.csv``):
+        teacher-forced efficacy 1.00 / 1.00 / 0.88 / 0.88 / 0.63 and paraphrase accuracy
+        0.34 / 0.34 / 0.16 / 0.23 / 0.20 at layers 2 / 4 / 8 / 14 / 20; layer 4 ties layer 2 on both
+        and keeps more neighbours intact (locality accuracy 0.88 vs 0.75).  Early MLPs, as for GPT-2 XL
+        (layer 17 of 48) and LLaMA-2-7B (layer 5 of 32).  The sweep is small (n = 4): rerun it with
+        ``--preset gpu`` on a GPU for a firmer choice.
         """
         presets = {
             "gpt2-xl": cls(layer=17, v_num_grad_steps=20, v_lr=0.5, v_loss_layer=47, v_weight_decay=0.5,
@@ -101,10 +106,9 @@ class ROMEHyperParams:
         """The preset for ``lm``'s family and size (GPT-2 XL, LLaMA-2-7B), else the default preset
         with its layer moved to the same relative depth and the loss read at the last layer."""
         arch = lm.arch
-        if arch.family == "gpt2" and arch.n_layers == 48 and arch.d_model == 1600:
-            return cls.preset("gpt2-xl")
-        if arch.family == "llama" and arch.n_layers == 32 and arch.d_model == 4096:
-            return cls.preset("llama-2-7b")
+        published = _PUBLISHED_SHAPES.get((arch.family, arch.n_layers, arch.d_model))
+        if published:
+            return cls.preset(published)
         hp = cls.preset("default")
         hp.layer = min(arch.n_layers - 1, round(cls._DEFAULT_DEPTH * arch.n_layers))
         return hp
