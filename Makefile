@@ -9,7 +9,7 @@ KN_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export KN_DATA_DIR
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install model demo notebooks test bench clean-results
+.PHONY: install model demo notebooks test bench clean-results gpu-prep
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -47,3 +47,8 @@ bench: model
 
 clean-results:
 	rm -rf results
+
+# Tokenizer files for benchmarks/gpu_check.sh on a GPU machine that has no models (carry .gpu_tokenizer).
+gpu-prep: model
+	$(PY) -c "import transformers as t; from kn_utils import models; \
+	t.AutoTokenizer.from_pretrained(models.convert_gguf(models.default_gguf_path())).save_pretrained('.gpu_tokenizer')"

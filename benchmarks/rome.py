@@ -34,9 +34,23 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--random-gpt2-xl", metavar="TOKENIZER_DIR", default=None,
+                        help="time on a random-init GPT-2 XL-size model (48 layers, d=1600) with this "
+                             "tokenizer folder instead of --model (for a GPU machine without models)")
     args = parser.parse_args(argv)
     cfg = PRESETS[args.preset]
-    lm = ku.load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.random_gpt2_xl:
+        import transformers
+
+        tok = transformers.AutoTokenizer.from_pretrained(args.random_gpt2_xl)
+        config = transformers.GPT2Config(vocab_size=len(tok), n_layer=48, n_embd=1600, n_head=25,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        torch.manual_seed(0)
+        lm = ku.load_model(transformers.GPT2LMHeadModel(config), tokenizer=tok, device=args.device,
+                           dtype=args.dtype)
+        lm.name = "random-gpt2-xl"
+    else:
+        lm = ku.load_model(args.model, device=args.device, dtype=args.dtype)
     hp = ROMEHyperParams.for_model(lm)
     hp.v_num_grad_steps = cfg["steps"]
     hp.context_template_length_params = cfg["context"]

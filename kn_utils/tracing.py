@@ -443,14 +443,14 @@ def _validate(lm, kind, samples, window, batch_size):
 
 
 def causal_trace(lm, prompt: str, subject: str, *, kind: str = "hidden", samples: int = 10,
-                 noise=0.1, window: int = 10, target: str | None = None,
+                 noise="s3", window: int = 10, target: str | None = None,
                  batch_size: int | None = None, prefix_cache: bool | None = None,
                  tokens: list[int] | None = None, progress: bool = False) -> TraceResult:
     """Trace every (token, layer) state of ``prompt`` with ``subject`` corrupted.
 
     ``kind``: "hidden" restores one block output; "mlp" / "attn" restore the MLP / attention output
-    over a window of ``window`` layers centred at the plotted layer.  ``noise``: the noise level (a
-    number; ROME's default 0.1) or "s3" for 3 x the std of the subject's embeddings (use
+    over a window of ``window`` layers centred at the plotted layer.  ``noise``: "s3" (default, as
+    REFERENCE §3) for 3 x the std of the subject's embeddings, or a number (ROME's code default is 0.1) (use
     :func:`noise_level` over many subjects for ROME's data-set-wide level).  ``target``: score this
     target's first token instead of the clean top-1.  ``batch_size``: rows (sample x cell) per
     forward (default: from a memory budget).  ``prefix_cache``: causal LMs reuse the corrupted

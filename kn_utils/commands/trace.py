@@ -14,8 +14,8 @@ def add_arguments(parser):
     parser.add_argument("--kind", default="all", choices=("all", "hidden", "mlp", "attn"))
     parser.add_argument("--target", default=None, help="score this target (default: clean top-1)")
     parser.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
-    parser.add_argument("--noise", default="0.1",
-                        help="noise level: a number (ROME default 0.1) or s3 = 3 x subject embedding std")
+    parser.add_argument("--noise", default="s3",
+                        help="noise level: s3 = 3 x subject embedding std (default), or a number")
     parser.add_argument("--window", type=int, default=10, help="restored layers for mlp/attn (10)")
     parser.add_argument("--batch-size", type=int, default=None, help="rows per forward (default: auto)")
     parser.add_argument("--out", default="results", help="output folder (default results/)")
