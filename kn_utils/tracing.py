@@ -575,7 +575,7 @@ def aggregate_traces(traces, kind=None):
     return df
 
 
-def average_indirect_effect(lm, items, *, kind: str = "hidden", samples: int = 10, noise=0.1,
+def average_indirect_effect(lm, items, *, kind: str = "hidden", samples: int = 10, noise="s3",
                             window: int = 10, only_correct: bool = True,
                             batch_size: int | None = None, return_traces: bool = False,
                             progress: bool = True):
