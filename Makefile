@@ -48,7 +48,13 @@ bench: model
 clean-results:
 	rm -rf results
 
-# Tokenizer files for benchmarks/gpu_check.sh on a GPU machine that has no models (carry .gpu_tokenizer).
+# What benchmarks/gpu_check.sh needs on a GPU machine that has no models and no data (carry .gpu_carry):
+# the default model's tokenizer and the two covariance corpora (ROME statistics), about 5 MB.
 gpu-prep: model
+	rm -rf .gpu_carry && mkdir -p .gpu_carry/data
 	$(PY) -c "import transformers as t; from kn_utils import models; \
-	t.AutoTokenizer.from_pretrained(models.convert_gguf(models.default_gguf_path())).save_pretrained('.gpu_tokenizer')"
+	t.AutoTokenizer.from_pretrained(models.convert_gguf(models.default_gguf_path())).save_pretrained('.gpu_carry/tokenizer')"
+	$(PY) -c "import shutil; from kn_utils.data import data_root; r = data_root(); \
+	assert r, 'no data directory: set KN_DATA_DIR'; \
+	[shutil.copytree(r / n, '.gpu_carry/data/' + n) for n in ('wikitext', 'wikipedia-sample')]"
+	du -sh .gpu_carry

@@ -16,6 +16,7 @@ import torch
 import kn_utils as ku
 from kn_utils.editing import rome
 from kn_utils.editing.rome import ROMEHyperParams, layer_stats, rome_edit
+from random_models import bench_tokenizer, random_lm
 
 PRESETS = {
     "cpu": dict(stats_tokens=5_000, steps=10, context=[[5, 3]], repeats=1),
@@ -34,21 +35,20 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--random-gpt2-xl", metavar="TOKENIZER_DIR", default=None,
-                        help="time on a random-init GPT-2 XL-size model (48 layers, d=1600) with this "
-                             "tokenizer folder instead of --model (for a GPU machine without models)")
+    parser.add_argument("--random-gpt2-xl", action="store_true",
+                        help="time on a random-init GPT-2 XL-size model (48 layers, d=1600) instead of "
+                             "--model (for a GPU machine without models)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="with --random-gpt2-xl: tokenizer folder (default $KN_BENCH_TOKENIZER, else "
+                             "the default model's)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="with --random-gpt2-xl: fewer layers (a quick dry run on CPU)")
     args = parser.parse_args(argv)
     cfg = PRESETS[args.preset]
     if args.random_gpt2_xl:
-        import transformers
-
-        tok = transformers.AutoTokenizer.from_pretrained(args.random_gpt2_xl)
-        config = transformers.GPT2Config(vocab_size=len(tok), n_layer=48, n_embd=1600, n_head=25,
-                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        torch.manual_seed(0)
-        lm = ku.load_model(transformers.GPT2LMHeadModel(config), tokenizer=tok, device=args.device,
-                           dtype=args.dtype)
-        lm.name = "random-gpt2-xl"
+        dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+        lm = random_lm("gpt2-xl", args.device, tokenizer=bench_tokenizer(args.tokenizer),
+                       n_layers=args.layers, dtype=dtype)
     else:
         lm = ku.load_model(args.model, device=args.device, dtype=args.dtype)
     hp = ROMEHyperParams.for_model(lm)

@@ -18,6 +18,7 @@ import kn_utils as ku
 from kn_utils.hooks import modify, record
 from kn_utils.targets import read_position
 from kn_utils.tracing import causal_trace, layer_window, subject_span
+from random_models import bench_tokenizer, random_lm
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "The Eiffel Tower"
@@ -58,21 +59,6 @@ def reference_trace(lm, prompt, subject, *, kind, samples, noise, window):
     return scores
 
 
-def gpu_model(device, dtype):
-    """A random-weight GPT-2 XL-size model (48 layers, d 1600) with the default model's tokenizer."""
-    import transformers as T
-
-    from kn_utils.models import convert_gguf, default_gguf_path
-
-    tok = T.AutoTokenizer.from_pretrained(convert_gguf(default_gguf_path()))
-    config = T.GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=1600, n_layer=48, n_head=25,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = T.GPT2LMHeadModel(config)
-    return ku.load_model(model.to(dtype), tokenizer=tok, device=device)
-
-
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -90,26 +76,43 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--prefix-cache", choices=("auto", "on", "off"), default="auto",
+                        help="fast path with / without the corrupted-prefix KV cache (auto: the "
+                             "library's default for this device and dtype)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="fast-path runs per kind, best time reported (default 2 on CUDA, else 1: "
+                             "a GPU's first run of a new shape pays for kernel selection)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="gpu preset: tokenizer folder (default $KN_BENCH_TOKENIZER, else the default model's)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="gpu preset: fewer layers than GPT-2 XL's 48 (a quick dry run on CPU)")
     args = parser.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
     if args.preset == "gpu":
-        lm = gpu_model(args.device, dtype)
+        lm = random_lm("gpt2-xl", args.device, tokenizer=bench_tokenizer(args.tokenizer),
+                       n_layers=args.layers, dtype=dtype)
     else:
         lm = ku.load_model(args.model, device=args.device, dtype=dtype)
     n_tok = len(subject_span(lm, PROMPT, SUBJECT)[0])
     print(f"model {lm.name} ({lm.arch.n_layers} layers, d {lm.arch.d_model}) on {lm.device}, "
-          f"{args.dtype}; prompt of {n_tok} tokens, {args.samples} samples, all layers, "
+          f"{args.dtype}, prefix cache {args.prefix_cache}; prompt of {n_tok} tokens, "
+          f"{args.samples} samples, all layers, "
           f"torch threads {torch.get_num_threads()}")
     # warm-up: first-call allocations and kernel selection are not what we measure
     causal_trace(lm, PROMPT, SUBJECT, samples=2, tokens=[0], noise=args.noise)
+    repeat = args.repeat or (2 if torch.device(args.device).type == "cuda" else 1)
+    prefix_cache = {"auto": None, "on": True, "off": False}[args.prefix_cache]
     for kind in args.kinds.split(","):
-        _sync(args.device)
-        start = time.perf_counter()
-        fast = causal_trace(lm, PROMPT, SUBJECT, kind=kind, samples=args.samples, noise=args.noise,
-                            window=args.window, batch_size=args.batch_size)
-        _sync(args.device)
-        t_fast = time.perf_counter() - start
+        t_fast = float("inf")
+        for _ in range(repeat):
+            _sync(args.device)
+            start = time.perf_counter()
+            fast = causal_trace(lm, PROMPT, SUBJECT, kind=kind, samples=args.samples, noise=args.noise,
+                                window=args.window, batch_size=args.batch_size,
+                                prefix_cache=prefix_cache)
+            _sync(args.device)
+            t_fast = min(t_fast, time.perf_counter() - start)
         line = f"{kind:6s} fast {t_fast:8.2f} s"
         if not args.skip_reference:
             start = time.perf_counter()
@@ -119,6 +122,8 @@ def main(argv=None):
             t_ref = time.perf_counter() - start
             diff = float((ref - fast.scores).abs().max())
             line += f"  reference {t_ref:8.2f} s  speed-up {t_ref / t_fast:5.1f}x  max|diff| {diff:.1e}"
+        # a random model's probabilities are small: the diff means something only beside the scores
+        line += f"  (clean {fast.high_score:.2e}, corrupted {fast.low_score:.2e})"
         print(line, flush=True)
 
 

@@ -106,10 +106,9 @@ def _narrow_logits(hooks: HookSet, lm, position: int) -> bool:
 
 def _default_rows(lm, tokens_per_row: int) -> int:
     # Token-rows per forward: enough to keep the device busy, small enough for the saved activations
-    # (about n_layers * (8 d_model + 3 n_neurons) floats per token-row) to stay within a few GB.
+    # (about n_layers * (8 d_model + 3 n_neurons) floats per token-row) to fit the work memory.
     per_token = lm.arch.n_layers * (8 * lm.arch.d_model + 3 * lm.arch.n_neurons) * 4
-    budget = (4 << 30) if lm.device.type == "cuda" else (1 << 30)
-    return max(1, budget // (per_token * max(1, tokens_per_row)))
+    return max(1, lm.work_memory(1 << 30) // (per_token * max(1, tokens_per_row)))
 
 
 def _use_cache(lm, cache) -> bool:
@@ -124,32 +123,38 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _expand_at(hooks: HookSet, lm, layer: int, rows: int):
-    """Run blocks before ``layer`` once (batch 1) and widen the hidden state to ``rows`` rows there.
+def _join_rows(hooks: HookSet, lm, joins: dict[int, int]):
+    """Let rows join the batch at the block whose activation they scale.
 
-    Rows that scale layer l agree with the clean run below l, so computing those blocks per row
-    would be wasted work.  Other block inputs (masks, rotary tables) have batch 1 and broadcast.
+    The batch starts as one clean row (the carrier).  A row that scales layer l equals the clean run
+    below l, so computing those blocks per row would be wasted work: a pre-hook on block l appends
+    ``joins[l]`` copies of the carrier's hidden state.  Other block inputs (masks, rotary tables)
+    have batch 1 and broadcast; the prefix cache is widened per layer by the caller.
     """
-    def widen(module, args, kwargs):
-        if args and torch.is_tensor(args[0]):
-            args = (args[0].expand(rows, *args[0].shape[1:]).contiguous(),) + tuple(args[1:])
-        elif torch.is_tensor(kwargs.get("hidden_states")):
-            h = kwargs["hidden_states"]
-            kwargs = dict(kwargs, hidden_states=h.expand(rows, *h.shape[1:]).contiguous())
-        return args, kwargs
-    hooks.add(lm.arch.blocks[layer], widen, pre=True, with_kwargs=True)
+    def grow(n):
+        def hook(module, args, kwargs):
+            def widen(h):
+                return torch.cat([h, h[:1].expand(n, *h.shape[1:])])
+            if args and torch.is_tensor(args[0]):
+                args = (widen(args[0]),) + tuple(args[1:])
+            elif torch.is_tensor(kwargs.get("hidden_states")):
+                kwargs = dict(kwargs, hidden_states=widen(kwargs["hidden_states"]))
+            return args, kwargs
+        return hook
+    for layer, n in sorted(joins.items()):
+        if n:
+            hooks.add(lm.arch.blocks[layer], grow(n), pre=True, with_kwargs=True)
 
 
-def _run(lm, ids: torch.Tensor, past, read: int, hooks_fns, *, site="neurons", expand_at=None,
-         rows: int = 1):
+def _run(lm, ids: torch.Tensor, past, read: int, hooks_fns, *, site="neurons", joins=None):
     """Forward ``ids`` (with optional prefix cache); logits [B, vocab] at ``read``.
 
-    ``expand_at``: widen the batch-1 input to ``rows`` rows at the input of that block.
+    ``joins``: {layer: rows} appended to the batch-1 input at that block (:func:`_join_rows`).
     """
     hooks = HookSet()
     try:
-        if expand_at is not None:
-            _expand_at(hooks, lm, expand_at, rows)  # before modify(): later hooks see the rows
+        if joins:
+            _join_rows(hooks, lm, joins)  # before modify(): later hooks see the rows
         narrowed = _narrow_logits(hooks, lm, read)
         with modify(lm, site, hooks_fns):
             kwargs = {"input_ids": ids}
@@ -181,17 +186,18 @@ def _query_ig(lm, input_ids, position, target_id, layers, alphas, method, batch_
     else:
         seq, read = ids[:, :], position
 
-    def fresh_past(rows, from_layer=0):
-        """A copy of the prefix cache; layers from ``from_layer`` on repeated to ``rows`` rows."""
+    def fresh_past(rows):
+        """A copy of the prefix cache; cache layer l repeated to ``rows[l]`` rows (an int: all)."""
         if past is None:
             return None
         p = copy.deepcopy(past)
-        if rows > 1:
-            for cache_layer in p.layers[from_layer:]:
-                cache_layer.batch_repeat_interleave(rows)
+        for layer, cache_layer in enumerate(p.layers):
+            n = rows if isinstance(rows, int) else rows[layer]
+            if n > 1:
+                cache_layer.batch_repeat_interleave(n)
         return p
 
-    # Late expansion needs one cache layer per block; otherwise every block runs on all rows.
+    # Joining late needs one cache layer per block; otherwise every block runs on all rows.
     late = past is None or len(getattr(past, "layers", ())) == lm.arch.n_layers
 
     with torch.no_grad(), record(lm, site, layers) as rec:
@@ -207,30 +213,37 @@ def _query_ig(lm, input_ids, position, target_id, layers, alphas, method, batch_
     n_rows = len(layers) * steps
     row_layer = torch.arange(len(layers), device=dev).repeat_interleave(steps)  # index into `layers`
     row_alpha = alphas.to(dev).repeat(len(layers))
-    # About six chunks per map: late expansion wastes at most one chunk's span of blocks per row,
-    # while bigger chunks only amortise per-forward overhead.
-    chunk = batch_size or min(_default_rows(lm, seq.shape[1]), steps * -(-len(layers) // 6))
+    # Rows join the forward at their own layer, so a chunk costs only its rows' own spans of
+    # blocks: chunks are as large as the memory budget allows (fewer, fuller launches on a GPU).
+    chunk = batch_size or _default_rows(lm, seq.shape[1])
     grad_sum = torch.zeros(len(layers), width, dtype=torch.float32, device=dev)
     for start in range(0, n_rows, chunk):
         sel = slice(start, min(start + chunk, n_rows))
-        r_layer, r_alpha = row_layer[sel], row_alpha[sel]
+        r_layer, r_alpha = row_layer[sel], row_alpha[sel]  # sorted by layer
         b = r_layer.shape[0]
-        first = layers[int(r_layer.min())] if late else 0
         x = (r_alpha[:, None].to(acts.dtype) * acts[r_layer]).detach().requires_grad_(True)
-        fns = {}
-        for j in torch.unique(r_layer).tolist():
-            rows = (r_layer == j)
+        counts = torch.bincount(r_layer, minlength=len(layers)).tolist()
+        # Batch rows: the clean carrier first when joining late, then the chunk's rows in order;
+        # the rows of one layer are contiguous, and when joining late they are the newest rows.
+        carrier = 1 if late else 0
+        fns, offset = {}, 0
+        for j, c in enumerate(counts):
+            if not c:
+                continue
+            lo, hi = carrier + offset, carrier + offset + c
 
-            def write(value, rows=rows):
-                mask = torch.zeros(value.shape[0], value.shape[1], 1, dtype=torch.bool,
-                                   device=value.device)
-                mask[rows, read] = True
-                return torch.where(mask, x[:, None, :].to(value.dtype), value)
+            def write(value, lo=lo, hi=hi, xj=x[offset:offset + c]):
+                part = value[lo:hi].clone()
+                part[:, read] = xj.to(value.dtype)
+                return torch.cat([value[:lo], part, value[hi:]])
             fns[layers[j]] = write
+            offset += c
         with torch.enable_grad():
-            if first > 0:
-                logits = _run(lm, seq, fresh_past(b, first), read, fns, site=site, expand_at=first,
-                              rows=b)
+            if late:
+                joins = {layers[j]: c for j, c in enumerate(counts) if c}
+                rows_at = (1 + torch.tensor([joins.get(layer, 0) for layer in range(lm.arch.n_layers)]
+                                            ).cumsum(0)).tolist()  # cache rows per layer
+                logits = _run(lm, seq, fresh_past(rows_at), read, fns, site=site, joins=joins)[1:]
             else:
                 logits = _run(lm, seq.expand(b, -1), fresh_past(b), read, fns, site=site)
             prob = logits.float().softmax(-1)[:, target_id]

@@ -50,6 +50,19 @@ class LanguageModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def work_memory(self, cpu_bytes: int) -> int:
+        """Bytes a batched method may fill with transient activations.
+
+        On a CUDA device a quarter of the memory free now (the rest stays for the allocator's
+        slack and the caller's own tensors); elsewhere ``cpu_bytes``, a fixed budget, since host
+        memory is shared with everything else and a larger batch gains little on a CPU.
+        """
+        device = self.device
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return max(cpu_bytes, free // 4)
+        return cpu_bytes
+
     def __repr__(self):
         return (f"LanguageModel({self.name!r}, family={self.arch.family}, layers={self.arch.n_layers}, "
                 f"neurons/layer={self.arch.n_neurons}, masked={self.arch.is_masked_lm}, "

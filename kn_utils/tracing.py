@@ -250,7 +250,12 @@ class _Tracer:
         self.read = read_position(lm, self.ids)
         self.level = _resolve_noise(lm, noise, [subject])
         self.causal = not lm.arch.is_masked_lm
-        self.prefix_cache = self.causal if prefix_cache is None else bool(prefix_cache and self.causal)
+        if prefix_cache is None:
+            # Measured on an H200 with a GPT-2 XL-size model (benchmarks/RESULTS.md): in fp32 the
+            # cache saves arithmetic, the limit there and on a CPU; in 16-bit the arithmetic is cheap
+            # and one forward of all cells (0.45 s) beats one forward per first token (1.3-1.5 s).
+            prefix_cache = not (lm.device.type == "cuda" and lm.dtype in (torch.float16, torch.bfloat16))
+        self.prefix_cache = bool(prefix_cache and self.causal)
         b, e = self.span
         self.noise = torch.from_numpy(draw_noise(samples, e - b, lm.arch.d_model, self.level)).to(
             lm.device, lm.dtype)
@@ -270,11 +275,10 @@ class _Tracer:
         self.batch_size = batch_size or self._default_rows()
 
     def _default_rows(self) -> int:
-        """Rows per forward that keep the transient activations near a fixed budget."""
+        """Rows per forward that keep the transient activations within the work memory."""
         arch = self.lm.arch
         per_row = len(self.ids) * (8 * arch.d_model + 3 * arch.n_neurons + 4 * len(self.ids)) * 4
-        budget = (1 << 31) if self.lm.device.type == "cuda" else (1 << 28)
-        return int(max(self.samples, min(8192, budget // max(per_row, 1))))
+        return int(max(self.samples, min(8192, self.lm.work_memory(1 << 28) // max(per_row, 1))))
 
     def _logits(self, input_ids, start, past, attention_mask=None):
         """Logits at the read position only: a pre-hook narrows the unembedding's input to it."""
@@ -450,11 +454,12 @@ def causal_trace(lm, prompt: str, subject: str, *, kind: str = "hidden", samples
 
     ``kind``: "hidden" restores one block output; "mlp" / "attn" restore the MLP / attention output
     over a window of ``window`` layers centred at the plotted layer.  ``noise``: "s3" (default, as
-    REFERENCE §3) for 3 x the std of the subject's embeddings, or a number (ROME's code default is 0.1) (use
-    :func:`noise_level` over many subjects for ROME's data-set-wide level).  ``target``: score this
+    REFERENCE §3) for 3 x the std of the subject's embeddings, or a number (ROME's code default is
+    0.1); :func:`noise_level` over many subjects gives ROME's data-set-wide level.  ``target``: score this
     target's first token instead of the clean top-1.  ``batch_size``: rows (sample x cell) per
     forward (default: from a memory budget).  ``prefix_cache``: causal LMs reuse the corrupted
-    prefix through the KV cache (default on; off runs full rows, same numbers).  ``tokens``: trace
+    prefix through the KV cache (same numbers either way; default on, except for 16-bit models on a
+    GPU, where one forward of full rows is faster).  ``tokens``: trace
     only these token indices (others are NaN).
     """
     _validate(lm, kind, samples, window, batch_size)

@@ -1,7 +1,9 @@
 import json
+import re
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -255,3 +257,26 @@ def test_accuracy_bad_input_leaves_no_hooks(tiny, data_dir):
     with pytest.raises(ValueError, match="empty"):
         blimp.accuracy(lm, df.iloc[:0])
     assert hook_count(lm.model) == 0
+
+
+def test_trace_items_rank_by_the_good_forms_probability(default_lm, data_dir):
+    lm = default_lm
+    items = blimp.trace_items(lm, "dna_adj_1", "determiner", 3, data_dir, pool=20)
+    assert list(items.columns) == ["prompt", "subject", "target", "p_target", "group"]
+    assert len(items) == 3 and items["p_target"].is_monotonic_decreasing
+    for row in items.itertuples():
+        assert row.prompt.count(row.subject) == 1  # one unambiguous span to corrupt
+        assert row.p_target == pytest.approx(ku.target_probability(lm, row.prompt, row.target), rel=1e-3)
+    # the best of the pool: no other usable pair of the first 20 has a likelier good form
+    pairs = blimp.pair_scores(lm, blimp.minimal_pairs(lm, "dna_adj_1", data_dir=data_dir, n=20))
+    def once(prompt, word):
+        found = [m.start() for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", prompt)]
+        return len(found) == 1 and prompt.find(word) == found[0]
+    usable = pairs[[bool(d) and once(p, d) for p, d in zip(pairs["prompt"], pairs["determiner"])]]
+    assert items["p_target"].iloc[0] == pytest.approx(float(np.exp(usable["logp_good"].max())), rel=1e-3)
+    sva = blimp.trace_items(lm, "regular_plural_subject_verb_agreement_1", "subject", 2, data_dir, pool=10)
+    assert all(s in p for s, p in zip(sva["subject"], sva["prompt"]))
+    with pytest.raises(ValueError, match="corrupt"):
+        blimp.trace_items(lm, "dna_adj_1", "verb", 2, data_dir)
+    with pytest.raises(ValueError, match="positive"):
+        blimp.trace_items(lm, "dna_adj_1", "determiner", 0, data_dir)

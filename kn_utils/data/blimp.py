@@ -17,6 +17,7 @@ How a pair becomes a prompt (the paper §3, REFERENCE.md §2):
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -502,6 +503,40 @@ def pair_scores(lm, pairs: pd.DataFrame, *, batch_size: int = 32, neurons=None, 
     return out
 
 
+def trace_items(lm, uid: str, corrupt: str, n: int, data_dir=None, *, pool: int = 100,
+                source: str = "auto") -> pd.DataFrame:
+    """Agreement prompts to trace: ``prompt``, ``subject`` (the word to corrupt), ``target`` (the good form).
+
+    ``corrupt``: "determiner" (determiner–noun agreement) or "subject" (subject–verb agreement).
+    Of the first ``pool`` usable pairs whose corrupted word occurs once in the prompt, as a whole word
+    (so its token span is unambiguous), the ``n`` whose good form the model finds likeliest: a trace
+    measures how much of the clean probability the noise removes, and a small model gives most
+    specific nouns and verbs next to none.  Also ``p_target`` (teacher-forced, whole form), ``group``.
+    """
+    if corrupt not in ("determiner", "subject"):
+        raise ValueError(f"corrupt must be 'determiner' or 'subject', got {corrupt!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    pairs = minimal_pairs(lm, uid, data_dir=data_dir, n=max(pool, n), source=source)
+    keep = []
+    for i, (prompt, word) in enumerate(zip(pairs["prompt"], pairs[corrupt])):
+        if not word:
+            continue
+        found = [m.start() for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", prompt)]
+        if len(found) == 1 and prompt.find(word) == found[0]:
+            keep.append(i)
+    if not keep:
+        raise ValueError(f"{pairs.attrs['uid']}: no pair of the first {len(pairs)} has a {corrupt} "
+                         f"occurring once in its prompt")
+    scored = pair_scores(lm, pairs.iloc[keep].reset_index(drop=True))
+    scored = scored.sort_values("logp_good", ascending=False, kind="stable").head(n)
+    out = pd.DataFrame({"prompt": scored["prompt"], "subject": scored[corrupt],
+                        "target": scored["good_token"], "p_target": scored["logp_good"].map(math.exp),
+                        "group": scored["group"]}).reset_index(drop=True)
+    out.attrs.update(uid=pairs.attrs["uid"], corrupted=corrupt, pool=len(keep))
+    return out
+
+
 def accuracy(lm, pairs: pd.DataFrame, **kwargs) -> float:
     """Fraction of pairs with P(good) > P(bad) at the read position (the paper's Fig 6b measure).
 
@@ -513,4 +548,4 @@ def accuracy(lm, pairs: pd.DataFrame, **kwargs) -> float:
 
 __all__ = ["ALL_UIDS", "PAPER_PARADIGMS", "SHORT_NAMES", "accuracy", "builtin_paradigms",
            "expand_templates", "load_paradigm", "minimal_pairs", "pair_scores", "paradigms",
-           "resolve_uid"]
+           "resolve_uid", "trace_items"]
