@@ -18,9 +18,7 @@ Logits are computed only at the read position (a pre-hook on the unembedding nar
 from __future__ import annotations
 
 import copy
-import inspect
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +26,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .hooks import HookSet, modify, record
+from .hooks import HookSet, batch_widener, grad_ready, modify, narrow_logits, record
+from .models import cache_kwarg, returned_cache
 from .targets import prepare
 
 __all__ = ["integrated_gradients", "attribution_maps", "r2_similarity", "coarse_neurons",
@@ -73,37 +72,6 @@ def _check_ig_args(lm, steps, points, method, layers, batch_size, site="neurons"
     return sorted(set(layers))
 
 
-@contextmanager
-def _grad_ready(model):
-    """Eval mode (no dropout) and frozen parameters while IG runs; both restored afterwards.
-
-    Frozen parameters keep autograd from saving every layer input for weight gradients we never use.
-    """
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
-def _narrow_logits(hooks: HookSet, lm, position: int) -> bool:
-    """Make the unembedding see only ``position`` so the vocabulary projection runs once per row."""
-    if lm.arch.unembed is None:
-        return False
-
-    def pre(module, args):
-        x = args[0]
-        return (x[:, position:position + 1],) + tuple(args[1:])
-    hooks.add(lm.arch.unembed, pre, pre=True)
-    return True
-
-
 def _default_rows(lm, tokens_per_row: int) -> int:
     # Token-rows per forward: enough to keep the device busy, small enough for the saved activations
     # (about n_layers * (8 d_model + 3 n_neurons) floats per token-row) to fit the work memory.
@@ -117,49 +85,22 @@ def _use_cache(lm, cache) -> bool:
     return (not lm.arch.is_masked_lm) and cache in (True, "auto")
 
 
-def _cache_kwarg(model) -> str:
-    # transformers 5.x renamed `past_key_values` to `cache` (the old name still works, with a warning).
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _join_rows(hooks: HookSet, lm, joins: dict[int, int]):
-    """Let rows join the batch at the block whose activation they scale.
-
-    The batch starts as one clean row (the carrier).  A row that scales layer l equals the clean run
-    below l, so computing those blocks per row would be wasted work: a pre-hook on block l appends
-    ``joins[l]`` copies of the carrier's hidden state.  Other block inputs (masks, rotary tables)
-    have batch 1 and broadcast; the prefix cache is widened per layer by the caller.
-    """
-    def grow(n):
-        def hook(module, args, kwargs):
-            def widen(h):
-                return torch.cat([h, h[:1].expand(n, *h.shape[1:])])
-            if args and torch.is_tensor(args[0]):
-                args = (widen(args[0]),) + tuple(args[1:])
-            elif torch.is_tensor(kwargs.get("hidden_states")):
-                kwargs = dict(kwargs, hidden_states=widen(kwargs["hidden_states"]))
-            return args, kwargs
-        return hook
-    for layer, n in sorted(joins.items()):
-        if n:
-            hooks.add(lm.arch.blocks[layer], grow(n), pre=True, with_kwargs=True)
-
-
 def _run(lm, ids: torch.Tensor, past, read: int, hooks_fns, *, site="neurons", joins=None):
     """Forward ``ids`` (with optional prefix cache); logits [B, vocab] at ``read``.
 
-    ``joins``: {layer: rows} appended to the batch-1 input at that block (:func:`_join_rows`).
+    ``joins``: {layer: rows} appended at that block to the batch-1 input (the clean carrier): a row
+    that scales layer l equals the clean run below l, so those blocks run once for all rows.
     """
     hooks = HookSet()
     try:
-        if joins:
-            _join_rows(hooks, lm, joins)  # before modify(): later hooks see the rows
-        narrowed = _narrow_logits(hooks, lm, read)
+        for layer, n in sorted((joins or {}).items()):  # before modify(): later hooks see the rows
+            if n:
+                hooks.add(lm.arch.blocks[layer], batch_widener(1, n), pre=True, with_kwargs=True)
+        narrowed = narrow_logits(hooks, lm, read)
         with modify(lm, site, hooks_fns):
             kwargs = {"input_ids": ids}
             if past is not None:
-                kwargs.update({_cache_kwarg(lm.model): past, "use_cache": True})
+                kwargs.update({cache_kwarg(lm.model): past, "use_cache": True})
             else:
                 kwargs["use_cache"] = False
             logits = lm.model(**kwargs).logits
@@ -178,10 +119,7 @@ def _query_ig(lm, input_ids, position, target_id, layers, alphas, method, batch_
         # Scaling at the read position changes nothing before it: cache the clean prefix once.
         if position > 0:
             with torch.no_grad():
-                out = model(input_ids=ids[:, :position], use_cache=True)
-                past = getattr(out, "cache", None)
-                if past is None:
-                    past = out.past_key_values
+                past = returned_cache(model(input_ids=ids[:, :position], use_cache=True))
         seq, read = ids[:, position:position + 1], 0
     else:
         seq, read = ids[:, :], position
@@ -277,7 +215,7 @@ def integrated_gradients(lm, prompt: str, target: str, *, steps: int = 20, point
     total = len(spec.queries) * len(layers) * steps if method == "ig" else 0
     pbar = tqdm(total=total, desc="IG rows", leave=False) if progress and total else None
     try:
-        with _grad_ready(lm.model):
+        with grad_ready(lm.model):
             maps = [_query_ig(lm, q.input_ids, q.position, q.target_id, layers, alphas, method,
                               batch_size, use_cache, pbar, site) for q in spec.queries]
     finally:
@@ -298,7 +236,7 @@ def ig_query(lm, input_ids, position: int, target_id: int, *, steps: int = 20,
     if not 0 <= position < len(ids):
         raise ValueError(f"position {position} outside the {len(ids)} input tokens")
     alphas = ig_alphas(steps, points).to(torch.float32)
-    with _grad_ready(lm.model):
+    with grad_ready(lm.model):
         return _query_ig(lm, ids, position, int(target_id), layers, alphas, method, batch_size,
                          _use_cache(lm, cache), site=site)
 

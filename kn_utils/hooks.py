@@ -120,6 +120,74 @@ def _unflatten(hooks: HookSet, block, fn):
 
 
 @contextmanager
+def grad_ready(model):
+    """Eval mode (no dropout) and frozen parameters for gradients with respect to activations;
+    both restored afterwards.  Frozen parameters keep autograd from saving every layer input for
+    weight gradients nobody uses (about 3x faster backward passes on a CPU)."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def narrow_logits(hooks: HookSet, lm, position: int) -> bool:
+    """Make the unembedding see only ``position``, so the vocabulary projection runs once per row.
+
+    The logits then have one position.  False (nothing hooked) for a model without an unembedding.
+    """
+    if lm.arch.unembed is None:
+        return False
+
+    def pre(module, args):
+        return (args[0][:, position:position + 1],) + tuple(args[1:])
+    hooks.add(lm.arch.unembed, pre, pre=True)
+    return True
+
+
+def batch_widener(carrier: int, copies: int, index: torch.Tensor | None = None):
+    """A block pre-hook (``with_kwargs=True``) that appends ``copies`` x the first ``carrier`` rows
+    of the hidden state to it, for rows that join a batched forward at that block.
+
+    Rows that differ from a run only from layer l on equal it below l, so batched methods run the
+    blocks below l once (the carrier) and widen there.  Other block inputs whose batch is
+    ``carrier`` > 1 (masks) are re-indexed with ``index`` (row r of the widened batch reads carrier
+    row ``index[r]``); batch-1 inputs broadcast as they are.
+    """
+    def widen_other(value, hidden):
+        if torch.is_tensor(value) and value is not hidden and carrier > 1 and value.dim() >= 2 \
+                and value.shape[0] == carrier:
+            return value.index_select(0, index.to(value.device))
+        if isinstance(value, tuple):
+            return tuple(widen_other(v, hidden) for v in value)
+        return value
+
+    def widen(module, args, kwargs):
+        positional = bool(args) and torch.is_tensor(args[0])
+        hidden = args[0] if positional else kwargs.get("hidden_states")
+        if not torch.is_tensor(hidden):
+            return None
+        new = hidden
+        if copies:
+            new = torch.cat([hidden, hidden[:carrier].repeat(copies, *[1] * (hidden.dim() - 1))])
+        if carrier > 1:
+            args = tuple(widen_other(a, hidden) for a in args)
+            kwargs = {k: widen_other(v, hidden) for k, v in kwargs.items()}
+        if positional:
+            args = (new,) + tuple(args[1:])
+        else:
+            kwargs = dict(kwargs, hidden_states=new)
+        return args, kwargs
+    return widen
+
+
+@contextmanager
 def record(lm, site: str, layers: int | Iterable[int] | None = None, *, detach: bool = True):
     """Yield a dict ``{layer: activation}`` filled by the forward passes run in the body.
 

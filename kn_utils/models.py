@@ -7,8 +7,10 @@ as a safetensors folder under :func:`cache_dir`; later loads take well under a s
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import os
 import shutil
 import sys
@@ -67,6 +69,23 @@ class LanguageModel:
         return (f"LanguageModel({self.name!r}, family={self.arch.family}, layers={self.arch.n_layers}, "
                 f"neurons/layer={self.arch.n_neurons}, masked={self.arch.is_masked_lm}, "
                 f"device={self.device}, dtype={self.dtype})")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(model_class) -> frozenset:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def cache_kwarg(model) -> str:
+    """Name of the forward argument taking a KV cache: transformers 5.x renamed ``past_key_values``
+    to ``cache`` (the old name still works there, with a warning)."""
+    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward with ``use_cache=True`` returned (under either name), or None."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def default_gguf_path() -> Path:

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .hooks import HookSet, modify, record
+from .hooks import HookSet, batch_widener, modify, narrow_logits, record
+from .models import cache_kwarg, returned_cache
 from .targets import check_prompt, prepare, read_position
 
 KINDS = ("hidden", "mlp", "attn")
@@ -187,49 +188,11 @@ def layer_window(layer: int, n_layers: int, window: int) -> range:
 
 # ----------------------------------------------------------------------------- the batched engine
 
-def _cache_arg(model) -> str:
-    """Name of the KV-cache argument (transformers >= 5.2x calls it ``cache``)."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _layered_cache(cache, n_layers) -> bool:
     """The cache holds one layer per block whose rows can be selected (transformers' Cache API)."""
     layers = getattr(cache, "layers", None)
     return layers is not None and len(layers) == n_layers and all(
         hasattr(layer, "batch_select_indices") for layer in layers)
-
-
-def _widener(samples: int, new_cells: int, index: torch.Tensor):
-    """Block pre-hook: append ``new_cells`` copies of the first ``samples`` rows (the corrupted
-    carrier) to the hidden state; other batch-``samples`` tensors (masks) are widened to match."""
-    def widen_other(value, hidden):
-        if torch.is_tensor(value) and value is not hidden and samples > 1 and value.dim() >= 2 \
-                and value.shape[0] == samples:
-            return value.index_select(0, index.to(value.device))
-        if isinstance(value, tuple):
-            return tuple(widen_other(v, hidden) for v in value)
-        return value
-
-    def widen(module, args, kwargs):
-        positional = bool(args) and torch.is_tensor(args[0])
-        hidden = args[0] if positional else kwargs.get("hidden_states")
-        if not torch.is_tensor(hidden):
-            return None
-        new = hidden
-        if new_cells:
-            carrier = hidden[:samples]
-            new = torch.cat([hidden, carrier.repeat(new_cells, *[1] * (hidden.dim() - 1))])
-        args = tuple(widen_other(a, hidden) for a in args)
-        kwargs = {k: widen_other(v, hidden) for k, v in kwargs.items()}
-        if positional:
-            args = (new,) + args[1:]
-        else:
-            kwargs["hidden_states"] = new
-        return args, kwargs
-    return widen
 
 
 def _grower(samples: int, new_cells: int):
@@ -284,14 +247,11 @@ class _Tracer:
         """Logits at the read position only: a pre-hook narrows the unembedding's input to it."""
         rel = self.read - start
         hooks = HookSet()
-        unembed = self.lm.arch.unembed
-        if unembed is not None:
-            hooks.add(unembed, lambda module, args: (args[0][:, rel:rel + 1],) + tuple(args[1:]),
-                      pre=True)
+        narrow_logits(hooks, self.lm, rel)
         try:
             kwargs = {}
             if past is not None:
-                kwargs = {_cache_arg(self.lm.model): past, "use_cache": True,
+                kwargs = {cache_kwarg(self.lm.model): past, "use_cache": True,
                           "attention_mask": attention_mask}
             out = self.lm.model(input_ids=input_ids, **kwargs).logits
         finally:
@@ -318,7 +278,7 @@ class _Tracer:
         ids = self.ids_t[None, :start].expand(self.samples, -1)
         with modify(self.lm, "embed", {0: self._corrupt(1, 0)}):
             out = self.lm.model(input_ids=ids, use_cache=True)
-        cache = out.get("cache", None) or out.get("past_key_values", None)
+        cache = returned_cache(out)
         if cache is None:
             raise ValueError(f"{self.lm.name} returned no KV cache: pass prefix_cache=False")
         if n_cells > 1:
@@ -405,8 +365,8 @@ class _Tracer:
         try:
             for layer in range(lowest, n_layers):  # before modify(): later hooks see the rows
                 block = self.lm.arch.blocks[layer]
-                hooks.add(block, _widener(samples, 0 if after else counts[layer], index[layer]),
-                          pre=True, with_kwargs=True)
+                widen = batch_widener(samples, 0 if after else counts[layer], index[layer])
+                hooks.add(block, widen, pre=True, with_kwargs=True)
                 if after and counts[layer]:
                     hooks.add(block, _grower(samples, counts[layer]), pre=False)
             with modify(self.lm, "embed", {0: self._corrupt(1, start)}), \
@@ -559,11 +519,10 @@ def aggregate_traces(traces, kind=None):
     if not traces:
         raise ValueError("no traces to aggregate")
     n_layers = traces[0].scores.shape[1]
+    classes = [token_classes(len(tr.tokens), tr.subject_range, tr.read_position) for tr in traces]
     for name in TOKEN_CLASSES:
-        effects = [tr.indirect_effects[idx] for tr in traces
-                   for idx in token_classes(len(tr.tokens), tr.subject_range, tr.read_position)[name]]
-        scores = [tr.scores[idx] for tr in traces
-                  for idx in token_classes(len(tr.tokens), tr.subject_range, tr.read_position)[name]]
+        effects = [tr.indirect_effects[idx] for tr, cl in zip(traces, classes) for idx in cl[name]]
+        scores = [tr.scores[idx] for tr, cl in zip(traces, classes) for idx in cl[name]]
         if not effects:
             continue
         eff = torch.stack(effects).double()

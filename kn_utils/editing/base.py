@@ -22,7 +22,10 @@ class WeightEdit:
             self._originals.append((param, param.detach().clone()))
 
     def apply(self) -> "WeightEdit":
-        """Change the weights; a failure part-way restores what was already changed."""
+        """Change the weights (once: applying an applied edit does nothing); a failure part-way
+        restores what was already changed."""
+        if self.applied:
+            return self
         try:
             with torch.no_grad():
                 self._apply()
@@ -44,9 +47,7 @@ class WeightEdit:
         self.applied = False
 
     def __enter__(self):
-        if not self.applied:
-            self.apply()
-        return self
+        return self.apply()
 
     def __exit__(self, *exc):
         self.restore()

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import targets as tg
-from ..hooks import modify
+from ..hooks import grad_ready, modify
 from ..models import cache_dir
 from .base import WeightEdit
 
@@ -175,6 +175,9 @@ def stats_path(lm, layer: int, corpus: str, n_tokens: int) -> Path:
     return cache_dir() / "stats" / model_key(lm) / f"layer{layer}_{safe}_{n_tokens}.pt"
 
 
+_STATS_IN_MEMORY: dict[tuple[str, int], torch.Tensor] = {}
+
+
 def layer_stats(lm, layer: int, corpus: str = "auto", n_tokens: int = 100_000, *, data_dir=None,
                 max_length: int = 256, batch_tokens: int = 4096, progress: bool = True,
                 recompute: bool = False) -> torch.Tensor:
@@ -192,7 +195,11 @@ def layer_stats(lm, layer: int, corpus: str = "auto", n_tokens: int = 100_000, *
     corpus = resolve_corpus(corpus, data_dir)
     path = stats_path(lm, layer, corpus, n_tokens)
     if path.exists() and not recompute:
-        return torch.load(path, map_location="cpu")["mom2"]
+        # every edit of an evaluation run asks again: read the file once (its mtime marks a rewrite)
+        key = (str(path), path.stat().st_mtime_ns)
+        if key not in _STATS_IN_MEMORY:
+            _STATS_IN_MEMORY[key] = torch.load(path, map_location="cpu")["mom2"]
+        return _STATS_IN_MEMORY[key]
 
     texts = load_texts(corpus, data_dir)
     tok = lm.tokenizer
@@ -403,7 +410,8 @@ def compute_v(lm, hp: ROMEHyperParams, templates, prompt: str, subject: str, tar
     r_idx = torch.as_tensor([i for i, r in enumerate(rew) for _ in r.positions], device=dev)
     p_idx = torch.as_tensor([p for r in rew for p in r.positions], device=dev)
     t_idx = torch.as_tensor([t for r in rew for t in r.targets], device=dev)
-    n_tok = len(tg.prepare(lm, tg.check_prompt(lm, prompt), target_new).target_ids)
+    # target tokens per template: one row with them all (decoders) or one row each (masked LMs)
+    n_tok = len(t_idx) // len(templates)
     at_subject = torch.zeros(len(rows), ids.shape[1], 1, device=dev)
     at_subject[torch.arange(len(rows), device=dev), sub] = 1.0
 
@@ -430,12 +438,14 @@ def compute_v(lm, hp: ROMEHyperParams, templates, prompt: str, subject: str, tar
                 logits = project(loss_hidden.pop("h"))
             else:
                 logits = lm.model(input_ids=ids, attention_mask=mask).logits
-        logp = logits.float().log_softmax(-1)
-        token_logp = logp[r_idx, p_idx, t_idx]
-        nll = -token_logp.sum() / (n_rew * n_tok)
+        # only the scored positions need a softmax over the vocabulary
+        scored = logits[r_idx, p_idx].float().log_softmax(-1)
+        token_logp = scored[torch.arange(len(t_idx), device=dev), t_idx]
+        nll = -token_logp.sum() / len(t_idx)  # mean over templates of the per-target NLL / n_tok
         loss = nll
         if kl_rows:
-            kl_logp = logp[torch.arange(n_rew, len(rows), device=dev), sub[n_rew:]]
+            kl_at = logits[torch.arange(n_rew, len(rows), device=dev), sub[n_rew:]]
+            kl_logp = kl_at.float().log_softmax(-1)
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
             # as ROME's code: KL(current || initial) over the next-token distribution after the subject
@@ -550,17 +560,10 @@ def rome_edit(lm, prompt: str, subject: str, target_new: str, hparams: ROMEHyper
     templates = context_templates(lm, hp.context_template_length_params, hp.seed)
     mom2 = effective_mom2(lm, hp, data_dir=data_dir)   # the corpus pass shows progress; it runs once
     k_star = compute_k(lm, hp.layer, templates, checked, subject)
-    # Only δ needs gradients: with the weights frozen, autograd keeps no graph below the edited layer
-    # and computes no weight gradients (about 3x faster on CPU).
-    frozen = [p for p in lm.model.parameters() if p.requires_grad]
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
+    # Only δ needs gradients: with the weights frozen, autograd keeps no graph below the edited layer.
+    with grad_ready(lm.model):
         v_star, v_init, info = compute_v(lm, hp, templates, checked, subject, target_new,
                                          progress=progress)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     module = lm.arch.mlp_out[hp.layer]
     with torch.no_grad():
         out_at_k = module(k_star.to(module.weight.dtype)[None]).reshape(-1).float()
