@@ -25,12 +25,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kn_utils", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        try:
-            module = _load(name)
-        except ModuleNotFoundError as err:
-            if err.name != f"kn_utils.commands.{COMMANDS[name]}":
-                raise
-            continue  # command not built yet
+        module = _load(name)
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         command.add_argument("--model", default="default",
                              help="'default' (embedded SmolLM2-135M), a hub id, a folder or a .gguf file")

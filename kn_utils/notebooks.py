@@ -49,5 +49,6 @@ if __name__ == "__main__":
         src, _, dst = arg.partition(":")
         nb, secs = run_notebook(src, dst or None)
         print(f"{src}: executed in {secs:.0f} s -> {dst or src}", flush=True)
-        if error_outputs(nb):
-            sys.exit(f"{src}: error outputs {error_outputs(nb)}")
+        errors = error_outputs(nb)
+        if errors:
+            sys.exit(f"{src}: error outputs {errors}")

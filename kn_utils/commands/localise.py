@@ -45,10 +45,6 @@ def _paradigms(values) -> list[str]:
     return [p.strip() for v in values for p in v.split(",") if p.strip()]
 
 
-def _label(neuron) -> str:
-    return f"L{neuron[0]}.N{neuron[1]}"
-
-
 def localise_paradigm(lm, uid, *, n, eval_n=None, steps=20, threshold=0.2, tau=0.7, adaptive=True,
                       data_dir=None):
     """KN search per group of one paradigm: (summary dict, groups DataFrame, prompts DataFrame, maps)."""
@@ -56,6 +52,7 @@ def localise_paradigm(lm, uid, *, n, eval_n=None, steps=20, threshold=0.2, tau=0
 
     from ..attribution import attribution_maps, find_knowledge_neurons
     from ..data import blimp
+    from ..plotting.attribution import neuron_label
 
     if not isinstance(n, int) or n < 2:
         raise ValueError(f"--n must be an integer >= 2 (R²₁ and tau need several prompts), got {n!r}")
@@ -76,7 +73,7 @@ def localise_paradigm(lm, uid, *, n, eval_n=None, steps=20, threshold=0.2, tau=0
         group_rows.append({"paradigm": uid, "group": group, "n_prompts": len(sub),
                            "kn_count_tau_0.7": res.n_initial, "tau": res.tau, "r2": res.r2,
                            "n_neurons": len(res.neurons), "converged": res.converged,
-                           "neurons": " ".join(_label(x) for x in res.neurons), "message": res.message})
+                           "neurons": " ".join(neuron_label(x) for x in res.neurons), "message": res.message})
         kn_index = torch.tensor([[layer, unit] for layer, unit in res.neurons], dtype=torch.long)
         for i, (prompt, target) in enumerate(zip(prompts, targets)):
             m = maps[group][i]
@@ -84,7 +81,7 @@ def localise_paradigm(lm, uid, *, n, eval_n=None, steps=20, threshold=0.2, tau=0
             kn_sum = float(m[kn_index[:, 0], kn_index[:, 1]].sum()) if len(kn_index) else 0.0
             prompt_rows.append({"paradigm": uid, "group": group, "prompt": prompt, "target": target,
                                 "max_score": float(m.max()),
-                                "top_neuron": _label((flat // m.shape[1], flat % m.shape[1])),
+                                "top_neuron": neuron_label((flat // m.shape[1], flat % m.shape[1])),
                                 "n_coarse": len(res.coarse[i]), "kn_score_sum": kn_sum})
     if not results:
         raise ValueError(f"{uid}: no group has two or more single-token pairs for {lm.name}")

@@ -1,8 +1,8 @@
 """Plain-text corpora for ROME's key statistics (the second moment of MLP keys over text tokens).
 
-    texts = load_texts("wikitext")          # local WikiText-2 (valid + test), detokenised paragraphs
+    texts = load_texts("wikitext")          # local WikiText-2 (valid, test, train), detokenised
     texts = load_texts("wikipedia")         # local sample of Wikipedia pages, MediaWiki markup stripped
-    texts = load_texts("hub:wikitext/wikitext-103-raw-v1:train")   # Hugging Face hub (needs `datasets`)
+    texts = load_texts("hub:Salesforce/wikitext/wikitext-103-raw-v1:train")  # the hub (`datasets`)
 
 ``corpus="auto"`` takes the first local corpus found (wikitext, then wikipedia).  Every loader
 returns a list of paragraphs in file order, so the same corpus and sample count always give the
@@ -131,7 +131,7 @@ def _load(corpus: str, root: str | None) -> tuple[str, ...]:
     if corpus == "wikipedia" and base and (base / WIKIPEDIA_DIR).is_dir():
         return tuple(wikipedia_paragraphs(base / WIKIPEDIA_DIR))
     raise ValueError(f"corpus {corpus!r} not found under data directory {root}; corpora: "
-                     f"{CORPORA}, 'auto' or 'hub:<dataset>[/<config>][:<split>]' (set KN_DATA_DIR)")
+                     f"{CORPORA}, 'auto' or 'hub:<owner>/<dataset>[/<config>][:<split>]' (set KN_DATA_DIR)")
 
 
 def resolve_corpus(corpus: str = "auto", data_dir=None) -> str:
@@ -141,7 +141,7 @@ def resolve_corpus(corpus: str = "auto", data_dir=None) -> str:
     if corpus != "auto":
         if corpus not in CORPORA and not corpus.startswith("hub:"):
             raise ValueError(f"unknown corpus {corpus!r}; choose one of {CORPORA}, 'auto' or "
-                             f"'hub:<dataset>[/<config>][:<split>]'")
+                             f"'hub:<owner>/<dataset>[/<config>][:<split>]'")
         return corpus
     root = data_root(data_dir)
     if root is not None:
@@ -149,7 +149,7 @@ def resolve_corpus(corpus: str = "auto", data_dir=None) -> str:
             return "wikitext"
         if (root / WIKIPEDIA_DIR).is_dir():
             return "wikipedia"
-    return "hub:wikitext/wikitext-103-raw-v1:train"
+    return "hub:Salesforce/wikitext/wikitext-103-raw-v1:train"
 
 
 def load_texts(corpus: str = "auto", data_dir=None) -> list[str]:

@@ -20,5 +20,14 @@ def save_figure(fig, name: str, folder=None) -> list[Path]:
     return paths
 
 
+def finish(fig, name, folder=None):
+    """``fig``, written by :func:`save_figure` first when ``name`` is given (the plot functions'
+    ``save=`` / ``name=`` argument)."""
+    if name:
+        save_figure(fig, name, folder)
+    return fig
+
+
+# after the helpers above: the figure modules import them from here
 from .attribution import *  # noqa: E402,F401,F403
 from .tracing import *  # noqa: E402,F401,F403

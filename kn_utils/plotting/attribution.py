@@ -14,6 +14,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from . import finish  # defined in the package before this module is imported
+
 __all__ = ["plot_attribution_heatmap", "kn_frequency", "plot_kn_frequency", "plot_probability_change",
            "plot_layer_distribution", "plot_blimp_accuracy", "neuron_label"]
 
@@ -25,13 +27,6 @@ def neuron_label(neuron) -> str:
     """"L10.N2096" for (10, 2096); the paper writes w^(10)_2096."""
     layer, unit = neuron
     return f"L{int(layer)}.N{int(unit)}"
-
-
-def _finish(fig, save, folder):
-    if save:
-        from . import save_figure  # the package __init__ defines it before importing this module
-        save_figure(fig, save, folder)
-    return fig
 
 
 def _as_map(scores) -> np.ndarray:
@@ -89,7 +84,7 @@ def plot_attribution_heatmap(scores, neurons=None, *, width: int = 10, layers=No
     ax.set_xlabel("neuron")
     ax.set_ylabel("layer")
     ax.set_title(title or "attribution around " + ", ".join(neuron_label(n) for n in neurons), fontsize=9)
-    return _finish(fig, save, folder)
+    return finish(fig, save, folder)
 
 
 def kn_frequency(neuron_sets, groups) -> pd.DataFrame:
@@ -139,7 +134,7 @@ def plot_kn_frequency(freq: pd.DataFrame, *, top: int = 10, title=None, save=Non
         ax.set_yticks(range(len(sub)), list(sub.index), fontsize=8)
         ax.xaxis.tick_top()
     ax.set_title(title or "fraction of bags in which the neuron is a KN", fontsize=9, pad=22)
-    return _finish(fig, save, folder)
+    return finish(fig, save, folder)
 
 
 def _ordered_tokens(summary: pd.DataFrame, groups) -> tuple[list[str], list[tuple[str, int, int]]]:
@@ -197,7 +192,7 @@ def plot_probability_change(summary: pd.DataFrame, groups=None, *, alpha: float 
     ax.set_xlim(-0.6, len(tokens) - 0.4)
     ax.set_ylabel(ylabel or r"$(p_{post}-p_{pre})/\min(p_{post},p_{pre})$")
     ax.set_title(title or f"probability change (red: p < {alpha})", fontsize=9, pad=16)
-    return _finish(fig, save, folder)
+    return finish(fig, save, folder)
 
 
 def plot_layer_distribution(distributions: Mapping, n_layers: int | None = None, *, normalise=True,
@@ -232,7 +227,7 @@ def plot_layer_distribution(distributions: Mapping, n_layers: int | None = None,
     ax.set_xticks(x[:: max(1, size // 15)])
     ax.legend(fontsize=8)
     ax.set_title(title or "layer distribution of knowledge neurons", fontsize=9)
-    return _finish(fig, save, folder)
+    return finish(fig, save, folder)
 
 
 def plot_blimp_accuracy(results: pd.DataFrame, *, title=None, save=None, folder=None) -> Figure:
@@ -262,4 +257,4 @@ def plot_blimp_accuracy(results: pd.DataFrame, *, title=None, save=None, folder=
     ax.set_ylim(max(0.0, low - 10), 105)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title or "BLiMP accuracy before / after the edit", fontsize=9)
-    return _finish(fig, save, folder)
+    return finish(fig, save, folder)

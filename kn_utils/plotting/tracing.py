@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import finish  # defined in the package before this module is imported
+
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 TITLES = {"hidden": "single restored layer", "mlp": "center of interval of restored MLP layers",
           "attn": "center of interval of restored attention layers"}
@@ -12,13 +14,6 @@ KIND_NAMES = {"hidden": "hidden state", "mlp": "MLP", "attn": "Attn"}
 CLASS_COLOURS = {"first subject token": "#1f77b4", "middle subject tokens": "#17becf",
                  "last subject token": "#d62728", "first subsequent token": "#2ca02c",
                  "further tokens": "#9467bd", "last token": "#ff7f0e"}
-
-
-def _save(fig, name, folder):
-    if name:
-        from . import save_figure
-        save_figure(fig, name, folder)
-    return fig
 
 
 def _plt():
@@ -58,7 +53,7 @@ def plot_trace(result, *, name=None, folder=None, model_name=None, ax=None):
     else:
         fig = ax.figure
     _draw_trace(ax, result, model_name)
-    return _save(fig, name, folder)
+    return finish(fig, name, folder)
 
 
 def plot_trace_panels(results, *, name=None, folder=None, model_name=None, title=None):
@@ -79,7 +74,7 @@ def plot_trace_panels(results, *, name=None, folder=None, model_name=None, title
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, name, folder)
+    return finish(fig, name, folder)
 
 
 def plot_aie(aie, *, name=None, folder=None, title=None, classes=None):
@@ -115,7 +110,7 @@ def plot_aie(aie, *, name=None, folder=None, title=None, classes=None):
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, name, folder)
+    return finish(fig, name, folder)
 
 
 def plot_edit_success_by_layer(df, *, name=None, folder=None, title=None,
@@ -134,7 +129,7 @@ def plot_edit_success_by_layer(df, *, name=None, folder=None, title=None,
     ax.legend(fontsize=8)
     ax.set_title(title or "ROME edit success by layer", fontsize=9)
     fig.tight_layout()
-    return _save(fig, name, folder)
+    return finish(fig, name, folder)
 
 
 __all__ = ["plot_trace", "plot_trace_panels", "plot_aie", "plot_edit_success_by_layer"]
