@@ -22,7 +22,7 @@ from kn_utils.editing.rome import ROMEHyperParams
 from kn_utils.evaluation import evaluate_edits
 
 PRESETS = {
-    "cpu": dict(layers=[2, 4, 8, 14], n=4, steps=12, context=[[5, 3]], mom2_tokens=3_000),
+    "cpu": dict(layers=[2, 4, 8, 14, 20], n=4, steps=12, context=[[5, 3]], mom2_tokens=3_000),
     "gpu": dict(layers=list(range(0, 30, 2)), n=20, steps=20, context=[[5, 10], [10, 10]],
                 mom2_tokens=100_000),
 }
@@ -46,6 +46,7 @@ def main(argv=None):
         cfg["n"] = args.n
     lm = ku.load_model(args.model, device=args.device)
     rows = []
+    crit = "synonym" if args.relation == "P101" else "symmetry"
     for layer in cfg["layers"]:
         hp = ROMEHyperParams.for_model(lm)
         hp.layer = layer
@@ -56,7 +57,6 @@ def main(argv=None):
         start = time.perf_counter()
         df = evaluate_edits(lm, "rome", args.relation, n=cfg["n"], hparams=hp, progress=False)
         seconds = time.perf_counter() - start
-        crit = "synonym" if args.relation == "P101" else "symmetry"
         row = {"model": lm.name, "device": str(lm.device), "relation": args.relation, "layer": layer,
                "n": len(df), "steps": cfg["steps"], "context": str(cfg["context"]),
                "mom2": hp.mom2_adjustment, "mom2_tokens": cfg["mom2_tokens"],

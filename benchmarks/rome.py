@@ -16,17 +16,12 @@ import torch
 import kn_utils as ku
 from kn_utils.editing import rome
 from kn_utils.editing.rome import ROMEHyperParams, layer_stats, rome_edit
-from random_models import bench_tokenizer, random_lm
+from common import bench_tokenizer, random_lm, sync
 
 PRESETS = {
     "cpu": dict(stats_tokens=5_000, steps=10, context=[[5, 3]], repeats=1),
     "gpu": dict(stats_tokens=100_000, steps=20, context=[[5, 10], [10, 10]], repeats=3),
 }
-
-
-def _sync(lm):
-    if lm.device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main(argv=None):
@@ -58,10 +53,10 @@ def main(argv=None):
     hp = hp.resolve(lm)
     rome.context_templates(lm, hp.context_template_length_params)   # generated once, cached
 
-    _sync(lm)
+    sync(lm.device)
     start = time.perf_counter()
     layer_stats(lm, hp.layer, hp.mom2_dataset, hp.mom2_n_samples, recompute=True, progress=False)
-    _sync(lm)
+    sync(lm.device)
     seconds = time.perf_counter() - start
     print(f"{lm.name} on {lm.device}: covariance, layer {hp.layer}: {hp.mom2_n_samples} tokens in "
           f"{seconds:.1f} s = {hp.mom2_n_samples / seconds:,.0f} tokens/s")
@@ -71,10 +66,10 @@ def main(argv=None):
         hp.mom2_adjustment = mom2
         times = []
         for _ in range(cfg["repeats"]):
-            _sync(lm)
+            sync(lm.device)
             start = time.perf_counter()
             edit = rome_edit(lm, *request, hp)
-            _sync(lm)
+            sync(lm.device)
             times.append(time.perf_counter() - start)
             top = ku.predict(lm, request[0], 1)[0]
             edit.restore()

@@ -1,7 +1,8 @@
 """Causal tracing: ROME's one-forward-per-cell loop against kn_utils' batched path.
 
-Same prompt, same noise, every (token, layer) cell, one run of each; prints both times, the ratio
-and the largest score difference for each kind.
+Same prompt, same noise, every (token, layer) cell; the best of ``--repeat`` runs of each path (1 on
+the CPU, 2 on CUDA); prints both times, the ratio and the largest score difference for each kind.
+Exit status 1 if the paths disagree (max |diff| > 1e-5 in float32, 1e-3 in 16-bit).
 
     python benchmarks/tracing.py                          # default model on the CPU
     python benchmarks/tracing.py --device cuda --preset gpu   # random GPT-2 XL-size model, no downloads
@@ -9,16 +10,15 @@ and the largest score difference for each kind.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 
-import numpy as np
 import torch
 
 import kn_utils as ku
 from kn_utils.hooks import modify, record
 from kn_utils.targets import read_position
-from kn_utils.tracing import causal_trace, layer_window, subject_span
-from random_models import bench_tokenizer, random_lm
+from kn_utils.tracing import causal_trace, draw_noise, layer_window, subject_span
+from common import bench_tokenizer, best_time, random_lm
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "The Eiffel Tower"
@@ -29,8 +29,7 @@ def reference_trace(lm, prompt, subject, *, kind, samples, noise, window):
     ids, (b, e) = subject_span(lm, prompt, subject)
     n_tok, n_layers = len(ids), lm.arch.n_layers
     read = read_position(lm, ids)
-    delta = torch.from_numpy(np.random.RandomState(1).randn(samples, e - b, lm.arch.d_model) * noise)
-    delta = delta.to(lm.device, lm.dtype)
+    delta = torch.from_numpy(draw_noise(samples, e - b, lm.arch.d_model, noise)).to(lm.device, lm.dtype)
     ids_t = torch.tensor([ids], device=lm.device)
     batch = ids_t.expand(samples, -1)
 
@@ -59,11 +58,6 @@ def reference_trace(lm, prompt, subject, *, kind, samples, noise, window):
     return scores
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -80,8 +74,8 @@ def main(argv=None):
                         help="fast path with / without the corrupted-prefix KV cache (auto: the "
                              "library's default for this device and dtype)")
     parser.add_argument("--repeat", type=int, default=None,
-                        help="fast-path runs per kind, best time reported (default 2 on CUDA, else 1: "
-                             "a GPU's first run of a new shape pays for kernel selection)")
+                        help="runs of each path per kind, best time reported (default 2 on CUDA, "
+                             "else 1: a GPU's first run of a new shape pays for kernel selection)")
     parser.add_argument("--tokenizer", default=None,
                         help="gpu preset: tokenizer folder (default $KN_BENCH_TOKENIZER, else the default model's)")
     parser.add_argument("--layers", type=int, default=None,
@@ -103,29 +97,27 @@ def main(argv=None):
     causal_trace(lm, PROMPT, SUBJECT, samples=2, tokens=[0], noise=args.noise)
     repeat = args.repeat or (2 if torch.device(args.device).type == "cuda" else 1)
     prefix_cache = {"auto": None, "on": True, "off": False}[args.prefix_cache]
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-3
+    failed = False
     for kind in args.kinds.split(","):
-        t_fast = float("inf")
-        for _ in range(repeat):
-            _sync(args.device)
-            start = time.perf_counter()
-            fast = causal_trace(lm, PROMPT, SUBJECT, kind=kind, samples=args.samples, noise=args.noise,
-                                window=args.window, batch_size=args.batch_size,
-                                prefix_cache=prefix_cache)
-            _sync(args.device)
-            t_fast = min(t_fast, time.perf_counter() - start)
+        t_fast, fast = best_time(
+            lambda: causal_trace(lm, PROMPT, SUBJECT, kind=kind, samples=args.samples,  # noqa: B023
+                                 noise=args.noise, window=args.window, batch_size=args.batch_size,
+                                 prefix_cache=prefix_cache), args.device, repeat)
         line = f"{kind:6s} fast {t_fast:8.2f} s"
         if not args.skip_reference:
-            start = time.perf_counter()
-            ref = reference_trace(lm, PROMPT, SUBJECT, kind=kind, samples=args.samples,
-                                  noise=args.noise, window=args.window)
-            _sync(args.device)
-            t_ref = time.perf_counter() - start
+            t_ref, ref = best_time(
+                lambda: reference_trace(lm, PROMPT, SUBJECT, kind=kind,  # noqa: B023
+                                        samples=args.samples, noise=args.noise, window=args.window),
+                args.device, repeat)
             diff = float((ref - fast.scores).abs().max())
+            failed |= not diff <= tolerance
             line += f"  reference {t_ref:8.2f} s  speed-up {t_ref / t_fast:5.1f}x  max|diff| {diff:.1e}"
         # a random model's probabilities are small: the diff means something only beside the scores
         line += f"  (clean {fast.high_score:.2e}, corrupted {fast.low_score:.2e})"
         print(line, flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -478,25 +478,42 @@ def rank_one_update(k_star: torch.Tensor, v_star: torch.Tensor, out_at_k: torch.
                     mom2: torch.Tensor | None):
     """(u, Λ) with Ŵ_slots = W_slots + u Λᵀ: u = C⁻¹k*, Λ = (v* − W k*) / (uᵀ k*)  (float64 math)."""
     k = k_star.double()
-    if mom2 is None:
-        u = k.clone()
-    else:
-        u = torch.linalg.solve(mom2.double().to(k.device), k)
+    u = k.clone() if mom2 is None else _solve_mom2(mom2, k)
     lam = (v_star.double() - out_at_k.double()) / torch.dot(u, k)
     return u, lam
+
+
+# C and its Cholesky factor (None: not positive definite), per statistics tensor and blend weight:
+# every edit of an evaluation run solves with the same C, and factoring it is the O(n³) part.
+_MOM2_FACTORS: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+
+
+def _solve_mom2(c: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """C⁻¹k in float64, through C's cached Cholesky factor when :func:`effective_mom2` made C."""
+    entry = next((e for e in _MOM2_FACTORS.values() if e[1] is c), None)
+    factor = entry[2] if entry is not None else None
+    if factor is None:
+        return torch.linalg.solve(c.double().to(k.device), k)
+    return torch.cholesky_solve(k[:, None], factor.to(k.device))[:, 0]
 
 
 def effective_mom2(lm, hp: ROMEHyperParams, data_dir=None, progress: bool = True):
     """C used by the update (None = identity), per ``mom2_adjustment`` and ``mom2_update_weight``."""
     if not hp.mom2_adjustment:
         return None
-    c = layer_stats(lm, hp.layer, hp.mom2_dataset, hp.mom2_n_samples, data_dir=data_dir,
-                    progress=progress).double()
-    w = hp.mom2_update_weight
-    if w < 1.0:
-        scale = torch.trace(c) / c.shape[0]
-        c = w * c + (1.0 - w) * scale * torch.eye(c.shape[0], dtype=c.dtype)
-    return c
+    stats = layer_stats(lm, hp.layer, hp.mom2_dataset, hp.mom2_n_samples, data_dir=data_dir,
+                        progress=progress)
+    key = (id(stats), float(hp.mom2_update_weight))
+    entry = _MOM2_FACTORS.get(key)
+    if entry is None or entry[0] is not stats:   # the entry holds `stats`, so its id is not reused
+        c = stats.double()
+        w = hp.mom2_update_weight
+        if w < 1.0:
+            scale = torch.trace(c) / c.shape[0]
+            c = w * c + (1.0 - w) * scale * torch.eye(c.shape[0], dtype=c.dtype)
+        factor, info = torch.linalg.cholesky_ex(c)
+        entry = _MOM2_FACTORS[key] = (stats, c, None if int(info) else factor)
+    return entry[1]
 
 
 # --------------------------------------------------------------------------------------------------

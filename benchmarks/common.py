@@ -1,4 +1,4 @@
-"""Random-init models of published sizes for the GPU benchmarks (no downloads on the device machine).
+"""What the benchmarks share: timing, and random-init models of published sizes for the GPU runs.
 
 GPU machines here have no models and no registry, so the timings use models built from a config with
 random weights: the cost of a forward does not depend on the values of the weights.  Tracing and ROME
@@ -8,6 +8,7 @@ need real text, so those models take a tokenizer folder (``make gpu-prep`` write
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -59,3 +60,21 @@ def random_lm(kind: str, device: str, *, tokenizer=None, n_layers: int | None = 
         lm = ku.load_model(model, tokenizer=tokenizer, device=device)
     lm.name = f"random-{kind}" + (f"-{n_layers}L" if n_layers else "")
     return lm
+
+
+def sync(device) -> None:
+    """Wait for queued device work, so that a host clock measures it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn, device, repeat: int = 1):
+    """(best seconds of ``repeat`` runs, last result).  Device work is synchronised around each run."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, result
