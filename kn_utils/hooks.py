@@ -288,6 +288,29 @@ def neurons_by_layer(lm, neurons) -> dict[int, list[int]]:
     return dict(grouped)
 
 
+def intervene(lm, neurons, factor: float, positions: torch.Tensor | None):
+    """Context manager: multiply ``neurons`` by ``factor`` at one position per batch row.
+
+    ``positions``: tensor [batch] of the position to change in each row (None: every position).
+    Unlike :func:`scale_neurons`, each row of a right-padded batch can have its own position.
+    """
+    grouped = neurons_by_layer(lm, neurons)
+
+    def scaler(units):
+        def fn(value):
+            mask = torch.zeros(value.shape, dtype=torch.bool, device=value.device)
+            idx = torch.as_tensor(units, device=value.device)
+            if positions is None:
+                mask[:, :, idx] = True
+            else:
+                rows = torch.arange(value.shape[0], device=value.device)
+                pos = positions.to(value.device)
+                mask[rows[:, None], pos[:, None], idx[None, :]] = True
+            return torch.where(mask, value * factor, value)
+        return fn
+    return modify(lm, "neurons", {layer: scaler(units) for layer, units in grouped.items()})
+
+
 @contextmanager
 def scale_neurons(lm, neurons, factor: float, *, positions: Index = None, rows: Index = None):
     """Multiply the listed (layer, neuron) activations by ``factor`` (all positions by default)."""

@@ -20,6 +20,7 @@ import json
 import math
 import re
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -445,7 +446,7 @@ def pair_scores(lm, pairs: pd.DataFrame, *, batch_size: int = 32, neurons=None, 
     """
     from tqdm.auto import tqdm
 
-    from ..hooks import modify, neurons_by_layer
+    from ..hooks import intervene, neurons_by_layer
     from ..targets import pad_batch, prepare
 
     missing = {"prompt", "good", "bad"} - set(pairs.columns)
@@ -467,19 +468,7 @@ def pair_scores(lm, pairs: pd.DataFrame, *, batch_size: int = 32, neurons=None, 
                 seqs.setdefault(key, []).append((q.position, q.target_id, r, col))
     order = sorted(seqs, key=lambda k: len(k[0]))  # similar lengths together: less padding
     scores = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    state = {}
-
-    def scaler(units):
-        unit_idx = torch.as_tensor(units)
-
-        def fn(value):
-            sel = state["positions"].to(value.device)[:, :, None] & torch.zeros(
-                value.shape[-1], dtype=torch.bool, device=value.device).index_fill(
-                    0, unit_idx.to(value.device), True)
-            return torch.where(sel, value * factor, value)
-        return fn
-
-    with torch.no_grad(), modify(lm, "neurons", {layer: scaler(u) for layer, u in by_layer.items()}):
+    with torch.no_grad():
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc="BLiMP pairs", disable=not progress, leave=False):
             batch = order[start:start + batch_size]
@@ -488,10 +477,11 @@ def pair_scores(lm, pairs: pd.DataFrame, *, batch_size: int = 32, neurons=None, 
             b_idx = torch.tensor([e[0] for e in entries], device=ids.device)
             pos = torch.tensor([e[1] for e in entries], device=ids.device)
             tok = torch.tensor([e[2] for e in entries], device=ids.device)
-            read = torch.zeros(ids.shape, dtype=torch.bool)
-            read[b_idx.cpu(), pos.cpu()] = True
-            state["positions"] = read
-            logits = lm.model(input_ids=ids, attention_mask=mask).logits
+            # with neurons every input has one read position (its key), where they are scaled
+            scaled = intervene(lm, neurons, factor, torch.tensor([k[1] for k in batch])) \
+                if by_layer else nullcontext()
+            with scaled:
+                logits = lm.model(input_ids=ids, attention_mask=mask).logits
             logp = logits[b_idx, pos].float().log_softmax(-1).gather(1, tok[:, None])[:, 0]
             rows = torch.tensor([e[3] for e in entries])
             cols = torch.tensor([e[4] for e in entries])

@@ -16,35 +16,12 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
-from ..hooks import modify, neurons_by_layer
+from ..hooks import intervene, neurons_by_layer
 from ..targets import MASK_PLACEHOLDER, pad_batch, prepare, prompt_ids, read_position
 from .base import WeightEdit
 
 __all__ = ["measure_intervention", "intervention_summary", "intervene", "kn_edit", "kn_erase",
            "KNEdit", "first_token_id"]
-
-
-def intervene(lm, neurons, factor: float, positions: torch.Tensor | None):
-    """Context manager: multiply ``neurons`` by ``factor`` at one position per batch row.
-
-    ``positions``: tensor [batch] of the position to change in each row (None: every position).
-    Unlike ``hooks.scale_neurons``, each row of a right-padded batch can have its own position.
-    """
-    grouped = neurons_by_layer(lm, neurons)
-
-    def scaler(units):
-        def fn(value):
-            mask = torch.zeros(value.shape, dtype=torch.bool, device=value.device)
-            idx = torch.as_tensor(units, device=value.device)
-            if positions is None:
-                mask[:, :, idx] = True
-            else:
-                rows = torch.arange(value.shape[0], device=value.device)
-                pos = positions.to(value.device)
-                mask[rows[:, None], pos[:, None], idx[None, :]] = True
-            return torch.where(mask, value * factor, value)
-        return fn
-    return modify(lm, "neurons", {layer: scaler(units) for layer, units in grouped.items()})
 
 
 def first_token_id(lm, target: str, prompt: str | None = None) -> int:
