@@ -16,6 +16,7 @@ How a pair becomes a prompt (the paper §3, REFERENCE.md §2):
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -114,16 +115,23 @@ _WORD = re.compile(r"[A-Za-z0-9']+")
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
-def _builtin_rows() -> list[dict]:
+@functools.lru_cache(maxsize=1)
+def _builtin_table() -> tuple[dict, ...]:
+    # read once per process: every paradigm-name lookup consults the built-in set
     if not BUILTIN_FILE.exists():
-        return []
+        return ()
     with BUILTIN_FILE.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return tuple(json.loads(line) for line in f if line.strip())
+
+
+def _builtin_rows() -> list[dict]:
+    """Fresh copies of the built-in rows (callers may change them)."""
+    return [dict(r) for r in _builtin_table()]
 
 
 def builtin_paradigms() -> list[str]:
     """UIDs covered by the built-in mini set."""
-    return sorted({r["UID"] for r in _builtin_rows()})
+    return sorted({r["UID"] for r in _builtin_table()})
 
 
 def paradigms(data_dir=None) -> list[str]:
