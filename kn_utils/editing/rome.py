@@ -170,6 +170,23 @@ class _Stop(Exception):
     """Raised by a hook once the edited layer's keys are read: later layers need not run."""
 
 
+def _layer_keys(lm, layer: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Neuron-site activations (ROME's keys) of ``layer``, [batch, positions, n_neurons]; the forward
+    stops right after that layer's MLP nonlinearity."""
+    box = {}
+
+    def grab(value):
+        box["keys"] = value.detach()
+        raise _Stop
+
+    with torch.no_grad(), modify(lm, "neurons", {layer: grab}):
+        try:
+            lm.model(input_ids=ids, attention_mask=mask)
+        except _Stop:
+            pass
+    return box["keys"]
+
+
 def stats_path(lm, layer: int, corpus: str, n_tokens: int) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", corpus)
     return cache_dir() / "stats" / model_key(lm) / f"layer{layer}_{safe}_{n_tokens}.pt"
@@ -207,24 +224,13 @@ def layer_stats(lm, layer: int, corpus: str = "auto", n_tokens: int = 100_000, *
     n = lm.arch.n_neurons
     total = torch.zeros(n, n, dtype=torch.float64, device=lm.device)
     seen = 0
-    box = {}
-
-    def grab(value):
-        box["keys"] = value
-        raise _Stop
-
     bar = tqdm(total=n_tokens, desc=f"key statistics, layer {layer}", unit="tok", disable=not progress)
     batch: list[list[int]] = []
 
     def flush():
         nonlocal seen
         ids, mask = tg.pad_batch(lm, batch)
-        try:
-            with torch.no_grad():
-                lm.model(input_ids=ids, attention_mask=mask)
-        except _Stop:
-            pass
-        keys = box.pop("keys")
+        keys = _layer_keys(lm, layer, ids, mask)
         # Special tokens (BOS/CLS/SEP) are not text; padding is not either.
         keep = mask.bool() & ~torch.isin(ids, torch.as_tensor(sorted(special) or [-1], device=ids.device))
         k = keys[keep].float()[: n_tokens - seen]
@@ -234,18 +240,17 @@ def layer_stats(lm, layer: int, corpus: str = "auto", n_tokens: int = 100_000, *
         batch.clear()
 
     try:
-        with modify(lm, "neurons", {layer: grab}):
-            for text in texts:
-                if seen >= n_tokens:
-                    break
-                ids = tok(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
-                if len(ids) < 2:
-                    continue
-                batch.append(list(ids))
-                if sum(len(b) for b in batch) >= batch_tokens:
-                    flush()
-            if batch and seen < n_tokens:
+        for text in texts:
+            if seen >= n_tokens:
+                break
+            ids = tok(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+            if len(ids) < 2:
+                continue
+            batch.append(list(ids))
+            if sum(len(b) for b in batch) >= batch_tokens:
                 flush()
+        if batch and seen < n_tokens:
+            flush()
     finally:
         bar.close()
     if seen == 0:
@@ -374,19 +379,8 @@ def compute_k(lm, layer: int, templates, prompt: str, subject: str) -> torch.Ten
     """k*: mean neuron-site activation at the subject's last token over the context templates."""
     rows = [r for t in templates for r in _rows(lm, t, prompt, subject, None)]
     ids, mask, sub = _batch(lm, rows)
-    box = {}
-
-    def grab(value):
-        box["v"] = value[torch.arange(len(rows), device=value.device), sub].detach()
-        raise _Stop
-
-    with modify(lm, "neurons", {layer: grab}):
-        try:
-            with torch.no_grad():
-                lm.model(input_ids=ids, attention_mask=mask)
-        except _Stop:
-            pass
-    return box["v"].float().mean(0)
+    keys = _layer_keys(lm, layer, ids, mask)
+    return keys[torch.arange(len(rows), device=keys.device), sub].float().mean(0)
 
 
 def _logits_fn(lm, v_loss_layer):
