@@ -214,3 +214,12 @@ def test_failure_inside_leaves_model_clean(tiny, tmp_cache, monkeypatch):
     assert ku.hook_count(lm.model) == 0
     assert all(p.requires_grad for p in lm.model.parameters())
     assert_same(lm, snap)
+
+
+def test_early_loss_layer_needs_a_plain_head(tiny):
+    bert = tiny("bert")  # its head is a transform + decoder, not final norm + unembedding
+    if bert.arch.final_norm is not None and bert.arch.unembed is not None:
+        pytest.skip("this BERT layout exposes a final norm and an unembedding")
+    with pytest.raises(ValueError, match="v_loss_layer"):
+        small_hp(layer=0, v_loss_layer=0).resolve(bert)
+    assert small_hp(layer=0).resolve(bert).v_loss_layer == bert.arch.n_layers - 1

@@ -71,7 +71,7 @@ def localise_paradigm(lm, uid, *, n, eval_n=None, steps=20, threshold=0.2, tau=0
                                      tau=tau, adaptive=adaptive, progress=False)
         results[group] = res
         group_rows.append({"paradigm": uid, "group": group, "n_prompts": len(sub),
-                           "kn_count_tau_0.7": res.n_initial, "tau": res.tau, "r2": res.r2,
+                           "kn_count_tau_start": res.n_initial, "tau": res.tau, "r2": res.r2,
                            "n_neurons": len(res.neurons), "converged": res.converged,
                            "neurons": " ".join(neuron_label(x) for x in res.neurons), "message": res.message})
         kn_index = torch.tensor([[layer, unit] for layer, unit in res.neurons], dtype=torch.long)
@@ -94,7 +94,7 @@ def localise_paradigm(lm, uid, *, n, eval_n=None, steps=20, threshold=0.2, tau=0
         after = blimp.accuracy(lm, ev, neurons=res.neurons) if res.neurons else before
         summary["groups"][str(group)] = {
             "n_prompts": res.n_prompts, "neurons": [list(x) for x in res.neurons], "tau": res.tau,
-            "kn_count_tau_0.7": res.n_initial, "r2": res.r2, "converged": res.converged,
+            "kn_count_tau_start": res.n_initial, "r2": res.r2, "converged": res.converged,
             "message": res.message, "accuracy_before": before, "accuracy_after_suppression": after,
             "eval_pairs": len(ev)}
     return summary, pd.DataFrame(group_rows), pd.DataFrame(prompt_rows), maps
@@ -116,7 +116,7 @@ def run(args) -> int:
         (out / f"localise_{uid}.json").write_text(json.dumps(summary, indent=2))
         groups.to_csv(out / f"localise_{uid}_groups.csv", index=False)
         prompts.to_csv(out / f"localise_{uid}_prompts.csv", index=False)
-        print(groups[["paradigm", "group", "n_prompts", "kn_count_tau_0.7", "tau", "r2", "neurons"]]
+        print(groups[["paradigm", "group", "n_prompts", "kn_count_tau_start", "tau", "r2", "neurons"]]
               .to_string(index=False))
         for group, info in summary["groups"].items():
             print(f"  {group}: BLiMP accuracy {info['accuracy_before']:.3f} -> "

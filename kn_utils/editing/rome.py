@@ -128,6 +128,10 @@ class ROMEHyperParams:
             raise ValueError(f"v_loss_layer: {err}") from None
         if hp.v_loss_layer < hp.layer:
             raise ValueError(f"v_loss_layer {hp.v_loss_layer} is below the edited layer {hp.layer}")
+        if hp.v_loss_layer < lm.arch.n_layers - 1 and (lm.arch.final_norm is None or lm.arch.unembed is None):
+            # a head that is not final norm + unembedding (BERT's transform): no early read-out
+            raise ValueError(f"v_loss_layer={hp.v_loss_layer} reads logits early through the final norm "
+                             f"and unembedding, which {lm.name} lacks: use {lm.arch.n_layers - 1}")
         if not isinstance(hp.v_num_grad_steps, int) or hp.v_num_grad_steps < 1:
             raise ValueError(f"v_num_grad_steps must be a positive integer, got {hp.v_num_grad_steps!r}")
         if hp.clamp_norm_factor <= 0 or hp.v_lr <= 0:
@@ -386,7 +390,7 @@ def compute_k(lm, layer: int, templates, prompt: str, subject: str) -> torch.Ten
 def _logits_fn(lm, v_loss_layer):
     """Logits from the full model, or from the residual stream after ``v_loss_layer`` (final norm +
     unembedding), as ROME's ``v_loss_layer`` asks."""
-    if v_loss_layer == lm.arch.n_layers - 1 or lm.arch.final_norm is None or lm.arch.unembed is None:
+    if v_loss_layer == lm.arch.n_layers - 1:
         return None
     return lambda hidden: lm.arch.unembed(lm.arch.final_norm(hidden))
 
