@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .checks import as_index
+
 SITES = ("neurons", "mlp", "attn", "hidden", "embed", "pre_act")
 
 # Relative names inside one block, most specific first.  Checked in order; first hit wins.
@@ -112,6 +114,8 @@ class Architecture:
     n_neurons: int
     d_model: int
     names: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    # Longest input the model can read (its position table / trained context); None if unknown.
+    max_positions: int | None = None
 
     @property
     def n_layers(self) -> int:
@@ -123,7 +127,7 @@ class Architecture:
             raise ValueError(f"unknown site {site!r}; choose one of {SITES}")
         if site == "embed":
             return self.embed, False
-        self.check_layer(layer)
+        layer = self.check_layer(layer)
         if site == "neurons":
             return self.mlp_out[layer], True
         if site == "mlp":
@@ -137,15 +141,28 @@ class Architecture:
             raise ValueError(f"{self.family}: no MLP input projection found for the 'pre_act' site")
         return module, False
 
-    def check_layer(self, layer: int) -> None:
-        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer!r} out of range: the model has layers 0..{self.n_layers - 1}")
+    def check_layer(self, layer: int, name: str = "layer") -> int:
+        """``layer`` as an int in 0..n_layers-1 (TypeError for bool / float / str, ValueError out of range)."""
+        return as_index(layer, name, self.n_layers,
+                        range_text=f"the model has layers 0..{self.n_layers - 1}")
 
-    def check_neuron(self, layer: int, neuron: int) -> None:
-        self.check_layer(layer)
-        if not isinstance(neuron, int) or isinstance(neuron, bool) or not 0 <= neuron < self.n_neurons:
-            raise ValueError(
-                f"neuron {neuron!r} out of range: layer {layer} has neurons 0..{self.n_neurons - 1}")
+    def check_layers(self, layers, name: str = "layers") -> list[int]:
+        """One layer or an iterable of layers as a list of checked ints (None: every layer)."""
+        if layers is None:
+            return list(range(self.n_layers))
+        if isinstance(layers, (str, bytes)):
+            raise TypeError(f"{name} must be a layer index or a list of them, got {layers!r}")
+        try:
+            items = list(layers)
+        except TypeError:  # a scalar (0-d tensors refuse iteration too)
+            items = [layers]
+        return [self.check_layer(layer) for layer in items]
+
+    def check_neuron(self, layer: int, neuron: int) -> tuple[int, int]:
+        """(layer, neuron) as checked ints."""
+        layer = self.check_layer(layer)
+        return layer, as_index(neuron, "neuron", self.n_neurons,
+                               range_text=f"layer {layer} has neurons 0..{self.n_neurons - 1}")
 
     def value_slots(self, layer: int) -> torch.Tensor:
         """Weight of the output projection as a view [n_neurons, d_model]: row i is neuron i's value slot."""
@@ -189,6 +206,18 @@ def _first(block: nn.Module, names: tuple[str, ...]) -> tuple[str | None, nn.Mod
     return None, None
 
 
+def _max_positions(config) -> int | None:
+    """Context length from the config (n_positions / max_position_embeddings), None if absent."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if getattr(config, "model_type", None) in ("roberta", "xlm-roberta", "camembert"):
+                # RoBERTa numbers positions from padding_idx + 1: the table holds pad + 1 fewer
+                value -= (getattr(config, "pad_token_id", None) or 0) + 1
+            return value
+    return None
+
+
 def describe(model: nn.Module) -> Architecture:
     """Find blocks, neuron sites, attention outputs, embeddings, final norm and head of ``model``."""
     if not hasattr(model, "config"):
@@ -229,4 +258,5 @@ def describe(model: nn.Module) -> Architecture:
         family=family, blocks=list(blocks), mlp_out=mlp_out, mlp_in=mlp_in, attn_out=attn_out,
         embed=model.get_input_embeddings(), final_norm=final_norm,
         unembed=model.get_output_embeddings(), is_masked_lm=is_masked_lm,
-        n_neurons=n_neurons, d_model=d_model, names=names)
+        n_neurons=n_neurons, d_model=d_model, names=names,
+        max_positions=_max_positions(model.config))

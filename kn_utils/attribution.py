@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .checks import as_index
 from .hooks import HookSet, batch_widener, grad_ready, modify, narrow_logits, record
 from .models import cache_kwarg, returned_cache
 from .targets import prepare
@@ -64,11 +65,9 @@ def _check_ig_args(lm, steps, points, method, layers, batch_size, site="neurons"
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     if layers is None:
         return list(range(lm.arch.n_layers))
-    layers = [layers] if isinstance(layers, int) else list(layers)
+    layers = lm.arch.check_layers(layers)
     if not layers:
         raise ValueError("layers is empty: pass None (all layers) or a list of layer indices")
-    for layer in layers:
-        lm.arch.check_layer(layer)
     return sorted(set(layers))
 
 
@@ -233,8 +232,9 @@ def ig_query(lm, input_ids, position: int, target_id: int, *, steps: int = 20,
     """
     layers = _check_ig_args(lm, steps, points, method, layers, batch_size, site)
     ids = list(input_ids)
-    if not 0 <= position < len(ids):
-        raise ValueError(f"position {position} outside the {len(ids)} input tokens")
+    position = as_index(position, "position", len(ids),
+                        range_text=f"the input has token positions 0..{len(ids) - 1}")
+    target_id = as_index(target_id, "target_id")
     alphas = ig_alphas(steps, points).to(torch.float32)
     with grad_ready(lm.model):
         return _query_ig(lm, ids, position, int(target_id), layers, alphas, method, batch_size,
@@ -289,6 +289,7 @@ def r2_similarity(maps) -> float:
     σ₁² is the top eigenvalue of the n×n Gram matrix (cheaper than an SVD of the n×D matrix).
     """
     m = torch.as_tensor(maps).detach().reshape(len(maps), -1).to(torch.float64).cpu()
+    _check_finite(m, "attribution maps")
     n = m.shape[0]
     if n < 2:
         return float("nan")
@@ -296,6 +297,29 @@ def r2_similarity(maps) -> float:
     m = torch.where(norms > 0, m / norms.clamp_min(1e-300), torch.zeros_like(m))
     sigma1_sq = float(torch.linalg.eigvalsh(m @ m.T)[-1])
     return (sigma1_sq - 1.0) / (n - 1)
+
+
+def _check_finite(maps: torch.Tensor, what: str) -> None:
+    """NaN / inf scores would give R²₁ = -1 and empty neuron sets without a word: refuse them."""
+    bad = ~torch.isfinite(maps)
+    if bool(bad.any()):
+        rows = bad.reshape(len(maps), -1).any(1) if maps.dim() > 1 else bad
+        raise ValueError(f"{what} contain {int(bad.sum())} NaN / infinite values (in "
+                         f"{int(rows.sum())} of {len(rows)} maps): recompute them (a 16-bit model "
+                         f"can overflow; try dtype=float32)")
+
+
+def _check_threshold(threshold, mode: str) -> None:
+    if mode not in COARSE_MODES:
+        raise ValueError(f"unknown mode={mode!r}; choose one of {COARSE_MODES}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) \
+            or not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    if mode == "relative" and not 0 < threshold <= 1:
+        raise ValueError(f"relative threshold must lie in (0, 1] (a fraction of the top score; "
+                         f"Dai et al. use 0.2), got {threshold}")
+    if mode == "percentile" and not 0 <= threshold <= 100:
+        raise ValueError(f"percentile threshold must lie in [0, 100], got {threshold}")
 
 
 def coarse_neurons(scores, *, threshold: float = 0.2, mode: str = "relative") -> list[tuple[int, int]]:
@@ -308,9 +332,9 @@ def coarse_neurons(scores, *, threshold: float = 0.2, mode: str = "relative") ->
     if scores.dim() != 2:
         raise ValueError(f"coarse_neurons needs one map [n_layers, n_neurons], got shape "
                          f"{tuple(scores.shape)}")
-    if mode not in COARSE_MODES:
-        raise ValueError(f"unknown mode={mode!r}; choose one of {COARSE_MODES}")
+    _check_threshold(threshold, mode)
     s = scores.to(torch.float64)
+    _check_finite(s[None], "scores")
     if mode == "relative":
         top = float(s.max())
         if not top > 0:
@@ -319,8 +343,6 @@ def coarse_neurons(scores, *, threshold: float = 0.2, mode: str = "relative") ->
     elif mode == "absolute":
         cut = threshold
     else:
-        if not 0 <= threshold <= 100:
-            raise ValueError(f"percentile threshold must lie in [0, 100], got {threshold}")
         cut = float(np.percentile(s.numpy(), threshold))
     return [(int(i), int(j)) for i, j in torch.nonzero(s > cut).tolist()]
 
@@ -353,12 +375,15 @@ def _refine(counts: Counter, n_prompts: int, tau: float) -> set[tuple[int, int]]
 
 def _maps_for(lm, prompts, targets, maps, steps, progress, what):
     if maps is None:
-        return attribution_maps(lm, prompts, targets, steps=steps, progress=progress)
+        maps = attribution_maps(lm, prompts, targets, steps=steps, progress=progress)
+        _check_finite(maps, f"computed {what}")
+        return maps
     maps = torch.as_tensor(maps).detach().float().cpu()
     want = (len(prompts), lm.arch.n_layers, lm.arch.n_neurons)
     if tuple(maps.shape) != want:
         raise ValueError(f"{what} has shape {tuple(maps.shape)}, expected {want} "
                          f"(n_prompts, n_layers, n_neurons)")
+    _check_finite(maps, what)
     return maps
 
 
@@ -381,14 +406,15 @@ def find_knowledge_neurons(lm, prompts, target, *, threshold: float = 0.2, mode:
     """
     prompts = _as_prompts(prompts)
     targets = _as_targets(prompts, target)
-    if not 0 <= tau <= 1:
-        raise ValueError(f"tau must lie in [0, 1], got {tau}")
+    # NaN fails these comparisons too
+    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.number)) or not 0 < tau <= 1:
+        raise ValueError(f"tau must lie in (0, 1] (the fraction of prompts a neuron must be coarse "
+                         f"in), got {tau!r}")
+    _check_threshold(threshold, mode)
     if not (isinstance(min_neurons, int) and isinstance(max_neurons, int) and 0 <= min_neurons <= max_neurons):
         raise ValueError(f"need 0 <= min_neurons <= max_neurons, got {min_neurons}, {max_neurons}")
-    if not tau_step > 0 or max_iter < 0:
-        raise ValueError(f"tau_step must be > 0 and max_iter >= 0, got {tau_step}, {max_iter}")
-    if mode not in COARSE_MODES:
-        raise ValueError(f"unknown mode={mode!r}; choose one of {COARSE_MODES}")
+    if not tau_step > 0 or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"tau_step must be > 0 and max_iter an integer >= 0, got {tau_step}, {max_iter}")
     neg_prompts = neg_targets = None
     if negative_prompts is not None:
         neg_prompts = _as_prompts(negative_prompts, "negative prompts")
@@ -467,7 +493,5 @@ def layer_distribution(neurons, n_layers: int) -> pd.Series:
             layer, _ = item
         except (TypeError, ValueError):
             raise ValueError(f"a neuron is a (layer, neuron) pair, got {item!r}") from None
-        if not 0 <= int(layer) < n_layers:
-            raise ValueError(f"layer {layer} out of range: 0..{n_layers - 1}")
-        counts[int(layer)] += 1
+        counts[as_index(layer, "layer", n_layers)] += 1
     return pd.Series(counts, index=pd.RangeIndex(n_layers, name="layer"), name="neurons")

@@ -117,7 +117,10 @@ def score(lm, pairs: list[tuple[str, str]], batch_size: int = 64):
 # editors
 # --------------------------------------------------------------------------------------------------
 def _rome_editor(hparams, data_dir):
-    from .editing.rome import rome_edit
+    from .editing.rome import as_hparams, rome_edit
+
+    if hparams is not None:   # a wrong type or value fails here, before the first item
+        as_hparams(hparams).check_values()
 
     def edit(lm, req: EditRequest):
         return rome_edit(lm, req.prompt, req.subject, req.target_new, hparams, data_dir=data_dir)
@@ -128,6 +131,9 @@ def _kn_editor(hparams):
     from .attribution import find_knowledge_neurons
     from .editing.kn import kn_edit
 
+    if hparams is not None and not isinstance(hparams, dict):
+        raise TypeError(f"KN editor hparams must be a dict of kn_edit keyword arguments (plus "
+                        f"'find'), got {type(hparams).__name__}")
     options = dict(hparams or {})
     find_opts = options.pop("find", {})
 
@@ -255,6 +261,8 @@ def evaluate_edits(lm, editor="rome", relation: str = "P36", n: int | None = Non
     edit_fn = _editor(editor, hparams, data_dir)
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise ValueError(f"n must be a positive integer or None, got {n!r}")
+    if not isinstance(n_locality, int) or isinstance(n_locality, bool) or n_locality < 0:
+        raise ValueError(f"n_locality must be an integer >= 0, got {n_locality!r}")
     # Targets come from neighbouring items, so a few items are needed even for n = 1.
     bags = load_bags(rel, data_dir=data_dir, n=None if n is None else max(n, 2))
     if len(bags) < 2:
@@ -278,6 +286,10 @@ def evaluate_edits(lm, editor="rome", relation: str = "P36", n: int | None = Non
         pre = _measure(lm, pairs)
         request = EditRequest(rel, prompts[0], bag.subject, bag.object, t_new, tuple(prompts))
         edit = edit_fn(lm, request)
+        if not callable(getattr(edit, "restore", None)):
+            raise TypeError(f"the editor {name!r} returned {type(edit).__name__} for item {i}, not an "
+                            f"edit with .restore(): it must return the applied edit (weights it "
+                            f"changed without one cannot be restored here)")
         try:
             post = _measure(lm, pairs)
         finally:

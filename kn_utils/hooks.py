@@ -22,6 +22,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from .checks import as_indices
+
 Index = int | Sequence[int] | slice | torch.Tensor | None
 
 
@@ -71,12 +73,7 @@ def _wrap(fn: Callable[[torch.Tensor], torch.Tensor | None], pre: bool):
 def _layers(lm, site: str, layers) -> list[int]:
     if site == "embed":
         return [0]
-    if layers is None:
-        return list(range(lm.arch.n_layers))
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    for layer in layers:
-        lm.arch.check_layer(layer)
-    return layers
+    return lm.arch.check_layers(layers)
 
 
 @contextmanager
@@ -205,7 +202,14 @@ def record(lm, site: str, layers: int | Iterable[int] | None = None, *, detach: 
         yield store
 
 
-def _as_index(index: Index, size: int) -> torch.Tensor:
+def _check_index(index: Index, name: str) -> Index:
+    """Integer indices (or a slice / None) only: a float or bool position is an error, not a cast."""
+    if index is None or isinstance(index, slice):
+        return index
+    return as_indices(index, name)
+
+
+def _as_index(index: Index, size: int, name: str = "index") -> torch.Tensor:
     """Boolean mask of length ``size`` from an int / list / slice / tensor / None (= all)."""
     mask = torch.zeros(size, dtype=torch.bool)
     if index is None:
@@ -213,9 +217,10 @@ def _as_index(index: Index, size: int) -> torch.Tensor:
     elif isinstance(index, slice):
         mask[index] = True
     else:
-        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        idx = torch.as_tensor(as_indices(index, name), dtype=torch.long).reshape(-1)
         if idx.numel() and (idx.max() >= size or idx.min() < -size):
-            raise ValueError(f"index {index!r} out of range for a dimension of size {size}")
+            raise ValueError(f"{name} {index!r} out of range: valid values are {-size}..{size - 1} "
+                             f"for a dimension of size {size}")
         mask[idx] = True
     return mask
 
@@ -223,8 +228,8 @@ def _as_index(index: Index, size: int) -> torch.Tensor:
 def _selection(value: torch.Tensor, units: Index, positions: Index, rows: Index) -> torch.Tensor:
     """Broadcastable boolean mask selecting [rows, positions, units] of a [B, P, W] tensor."""
     b, p, w = value.shape[0], value.shape[-2], value.shape[-1]
-    mask = (_as_index(rows, b)[:, None, None] & _as_index(positions, p)[None, :, None]
-            & _as_index(units, w)[None, None, :])
+    mask = (_as_index(rows, b, "rows")[:, None, None] & _as_index(positions, p, "positions")[None, :, None]
+            & _as_index(units, w, "units")[None, None, :])
     return mask.to(value.device)
 
 
@@ -232,13 +237,16 @@ def _check_units(lm, site: str, layers: Iterable[int], units: Index):
     if site != "neurons" or units is None or isinstance(units, slice):
         return
     for layer in layers:
-        for unit in torch.as_tensor(units).reshape(-1).tolist():
-            lm.arch.check_neuron(layer, int(unit))
+        for unit in as_indices(units, "neuron"):
+            lm.arch.check_neuron(layer, unit)
 
 
 def _edit(lm, site, layer, units, positions, rows, op):
     layers = _layers(lm, site, layer)
     _check_units(lm, site, layers, units)
+    # types are checked here, before any hook; ranges once the activation's shape is known
+    units, positions, rows = (_check_index(units, "units"), _check_index(positions, "positions"),
+                              _check_index(rows, "rows"))
 
     def fn(value):
         return op(value, _selection(value, units, positions, rows))
@@ -277,10 +285,10 @@ def neurons_by_layer(lm, neurons) -> dict[int, list[int]]:
     grouped: dict[int, list[int]] = defaultdict(list)
     for item in neurons:
         try:
-            layer, neuron = (int(x) for x in item)
+            layer, neuron = item
         except (TypeError, ValueError):
             raise ValueError(f"a neuron is a (layer, neuron) pair, got {item!r}") from None
-        lm.arch.check_neuron(layer, neuron)
+        layer, neuron = lm.arch.check_neuron(layer, neuron)
         if neuron not in grouped[layer]:
             grouped[layer].append(neuron)
     if not grouped:
@@ -295,6 +303,12 @@ def intervene(lm, neurons, factor: float, positions: torch.Tensor | None):
     Unlike :func:`scale_neurons`, each row of a right-padded batch can have its own position.
     """
     grouped = neurons_by_layer(lm, neurons)
+    if torch.is_tensor(positions):
+        # a dtype check only: reading the values would sync a GPU once per batch
+        if positions.dtype == torch.bool or positions.dtype.is_floating_point:
+            raise TypeError(f"positions must be an integer tensor, got dtype {positions.dtype}")
+    elif positions is not None:
+        positions = torch.as_tensor(as_indices(positions, "positions"), dtype=torch.long)
 
     def scaler(units):
         def fn(value):

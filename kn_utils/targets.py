@@ -5,6 +5,10 @@
 * Causal LMs read it at the last prompt position.  Trailing whitespace of the prompt moves to the
   target, so "The capital of France is" + "Paris" is read as the token " Paris", exactly as the model
   would produce it; no BOS or other special token ever becomes part of a target.
+* Trailing whitespace of a target is dropped ("Paris " and "Paris\n" are scored as "Paris"): a
+  model reads a target's trailing space as a token of its own, which no caller means to score.
+* An input longer than the model's context (``lm.arch.max_positions``) is a ValueError here, where
+  every prompt is tokenised, instead of an IndexError deep in the model or a silent run past it.
 * Multi-token targets are teacher forced: query j sees the gold tokens 0..j-1 and is scored on token j.
   For causal LMs all queries share one input (one forward); for masked LMs the target gets one mask
   per token and earlier masks are filled in with the gold tokens.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 MASK_PLACEHOLDER = "[MASK]"
@@ -52,6 +57,22 @@ def _special_ids(lm) -> set[int]:
     return set(getattr(lm.tokenizer, "all_special_ids", []) or [])
 
 
+def check_length(lm, n_tokens: int, text: str) -> None:
+    """Raise if an input of ``n_tokens`` tokens (made from ``text``) exceeds the model's context."""
+    limit = lm.arch.max_positions
+    if limit is not None and n_tokens > limit:
+        shown = text if len(text) <= 80 else text[:60] + "..." + text[-15:]
+        raise ValueError(f"input of {n_tokens} tokens is longer than {lm.name}'s context of {limit} "
+                         f"tokens (max_positions): shorten the prompt {shown!r}")
+
+
+def _check_prompt_length(lm, prompt: str) -> None:
+    limit = lm.arch.max_positions
+    # Tokens never outnumber UTF-8 bytes (+ a few special tokens): short prompts skip the encode.
+    if limit is not None and len(prompt.encode("utf-8")) + 8 > limit:
+        check_length(lm, len(_encode(lm, prompt)), prompt)
+
+
 def check_prompt(lm, prompt) -> str:
     """Validate a prompt; return it in the form the model reads (mask rewritten, whitespace moved)."""
     if not isinstance(prompt, str) or not prompt.strip():
@@ -66,11 +87,14 @@ def check_prompt(lm, prompt) -> str:
         if n != 1:
             raise ValueError(
                 f"a masked-LM prompt needs exactly one mask token ({mask!r}), found {n} in {prompt!r}")
+        _check_prompt_length(lm, prompt)
         return prompt
     if MASK_PLACEHOLDER in prompt:
         raise ValueError(f"{MASK_PLACEHOLDER!r} in a prompt for the causal LM {lm.name}: a causal "
                          f"prompt ends where the target begins (cut the prompt at the mask)")
-    return prompt.rstrip()
+    prompt = prompt.rstrip()
+    _check_prompt_length(lm, prompt)
+    return prompt
 
 
 def read_position(lm, input_ids) -> int:
@@ -96,14 +120,23 @@ def _common_prefix(a, b) -> int:
 
 
 def prepare(lm, prompt: str, target: str) -> Target:
-    """Tokenise ``target`` as the model would produce it after ``prompt`` and build teacher-forced queries."""
+    """Tokenise ``target`` as the model would produce it after ``prompt`` and build teacher-forced queries.
+
+    Trailing whitespace of ``target`` is stripped ("Paris " is "Paris"); a leading space is kept
+    and, for causal LMs, added where missing (the prompt's trailing whitespace moves to it).
+    ``Target.target`` is the stripped form.
+    """
     prompt = check_prompt(lm, prompt)
     if not isinstance(target, str) or not target.strip():
         raise ValueError(f"empty target: the target must be a non-empty string, got {target!r}")
+    target = target.rstrip()
     p_ids = _encode(lm, prompt)
     if lm.arch.is_masked_lm:
-        return _prepare_masked(lm, prompt, target, p_ids)
-    return _prepare_causal(lm, prompt, target, p_ids)
+        spec = _prepare_masked(lm, prompt, target, p_ids)
+    else:
+        spec = _prepare_causal(lm, prompt, target, p_ids)
+    check_length(lm, max(len(q.input_ids) for q in spec.queries), prompt + " " + target)
+    return spec
 
 
 def _no_target(target, prompt):
@@ -185,10 +218,16 @@ def logits_at(lm, sequences, positions, *, batch_size: int = 32) -> torch.Tensor
 
 
 def predict(lm, prompt: str, top_k: int = 5) -> list[tuple[str, float]]:
-    """Top-k next tokens (masked LM: tokens for the mask) with probabilities, best first."""
+    """Top-k next tokens (masked LM: tokens for the mask) with probabilities, best first.
+
+    ``top_k``: 1 .. the vocabulary size."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
     ids = prompt_ids(lm, prompt)
     probs = logits_at(lm, [ids], [read_position(lm, ids)])[0].softmax(-1)
-    top = probs.topk(top_k)
+    if top_k > probs.shape[-1]:
+        raise ValueError(f"top_k={top_k} exceeds the vocabulary of {probs.shape[-1]} tokens")
+    top = probs.topk(int(top_k))
     return [(lm.tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import as_index, as_indices
 from .hooks import HookSet, batch_widener, modify, narrow_logits, record
 from .models import cache_kwarg, returned_cache
 from .targets import check_prompt, prepare, read_position
@@ -423,12 +424,16 @@ def causal_trace(lm, prompt: str, subject: str, *, kind: str = "hidden", samples
     only these token indices (others are NaN).
     """
     _validate(lm, kind, samples, window, batch_size)
+    if tokens is not None:
+        tokens = as_indices(tokens, "token")
+        if not tokens:
+            raise ValueError("tokens is empty: pass None (every token) or a list of token indices")
     tracer = _Tracer(lm, prompt, subject, samples=samples, noise=noise, target=target, site=kind,
                      prefix_cache=prefix_cache, batch_size=batch_size)
     n_layers, n_tok = lm.arch.n_layers, len(tracer.ids)
-    chosen = range(n_tok) if tokens is None else sorted(set(int(t) for t in tokens))
-    if any(not 0 <= t < n_tok for t in chosen):
-        raise ValueError(f"tokens {list(chosen)} out of range for a prompt of {n_tok} tokens")
+    in_range = f"the prompt has tokens 0..{n_tok - 1}"
+    chosen = range(n_tok) if tokens is None else \
+        sorted(set(as_index(t, "token", n_tok, range_text=in_range) for t in tokens))
     width = 1 if kind == "hidden" else window
     cells, where = [], []
     for t in chosen:
@@ -461,13 +466,18 @@ def restored_score(lm, prompt: str, subject: str, states, *, kind: str = "hidden
                    prefix_cache: bool | None = None) -> float:
     """Answer probability with every (token, layer) in ``states`` restored at once (empty: corrupted)."""
     _validate(lm, kind, samples, 1, None)
-    states = [(int(t), int(layer)) for t, layer in states]
-    for _, layer in states:
-        lm.arch.check_layer(layer)
+    pairs = []
+    for state in states:
+        try:
+            t, layer = state
+        except (TypeError, ValueError):
+            raise ValueError(f"a state is a (token, layer) pair, got {state!r}") from None
+        pairs.append((as_index(t, "token"), lm.arch.check_layer(layer)))
     tracer = _Tracer(lm, prompt, subject, samples=samples, noise=noise, target=target, site=kind,
                      prefix_cache=prefix_cache, batch_size=None)
-    if any(not 0 <= t < len(tracer.ids) for t, _ in states):
-        raise ValueError(f"a token index in {states} is out of range ({len(tracer.ids)} tokens)")
+    n_tok = len(tracer.ids)
+    states = [(as_index(t, "token", n_tok, range_text=f"the prompt has tokens 0..{n_tok - 1}"), layer)
+              for t, layer in pairs]
     return float(tracer.run([states])[0])
 
 

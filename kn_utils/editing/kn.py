@@ -10,6 +10,7 @@ Activations are changed through forward pre-hooks (removed in ``finally``); weig
 """
 from __future__ import annotations
 
+import math
 
 import pandas as pd
 import torch
@@ -135,6 +136,9 @@ class KNEdit(WeightEdit):
         self.by_layer = neurons_by_layer(lm, neurons)
         self.neurons = sorted((layer, n) for layer, units in self.by_layer.items() for n in units)
         self.erase = erase
+        for name, value in (("lambda1", lambda1), ("lambda2", lambda2)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         self.lambda1, self.lambda2 = float(lambda1), float(lambda2)
         self.target_old, self.target_new = target_old, target_new
         desc = (f"erase {len(self.neurons)} neurons" if erase else

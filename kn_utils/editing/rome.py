@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -121,27 +122,48 @@ class ROMEHyperParams:
             hp.layer = ROMEHyperParams.for_model(lm).layer
         if hp.v_loss_layer is None:
             hp.v_loss_layer = lm.arch.n_layers - 1
-        lm.arch.check_layer(hp.layer)
-        try:
-            lm.arch.check_layer(hp.v_loss_layer)
-        except ValueError as err:
-            raise ValueError(f"v_loss_layer: {err}") from None
+        hp.layer = lm.arch.check_layer(hp.layer)
+        hp.v_loss_layer = lm.arch.check_layer(hp.v_loss_layer, "v_loss_layer")
         if hp.v_loss_layer < hp.layer:
             raise ValueError(f"v_loss_layer {hp.v_loss_layer} is below the edited layer {hp.layer}")
         if hp.v_loss_layer < lm.arch.n_layers - 1 and (lm.arch.final_norm is None or lm.arch.unembed is None):
             # a head that is not final norm + unembedding (BERT's transform): no early read-out
             raise ValueError(f"v_loss_layer={hp.v_loss_layer} reads logits early through the final norm "
                              f"and unembedding, which {lm.name} lacks: use {lm.arch.n_layers - 1}")
-        if not isinstance(hp.v_num_grad_steps, int) or hp.v_num_grad_steps < 1:
-            raise ValueError(f"v_num_grad_steps must be a positive integer, got {hp.v_num_grad_steps!r}")
-        if hp.clamp_norm_factor <= 0 or hp.v_lr <= 0:
-            raise ValueError("clamp_norm_factor and v_lr must be positive")
-        if not 0.0 <= hp.mom2_update_weight <= 1.0:
-            raise ValueError(f"mom2_update_weight must be in [0, 1], got {hp.mom2_update_weight}")
-        for pair in hp.context_template_length_params:
-            if len(pair) != 2 or min(pair) < 0:
-                raise ValueError(f"context_template_length_params: [[length, count], ...], got {pair!r}")
+        hp.check_values()
         return hp
+
+    def check_values(self) -> None:
+        """Every setting that needs no model: types, finiteness and ranges (NaN is out of every
+        range), so a bad value fails before the statistics pass, not after it."""
+        def number(name, low, *, low_open, high=None):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if (value <= low if low_open else value < low) or (high is not None and value > high):
+                bound = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}" \
+                        f"{']' if high is not None else ')'}"
+                raise ValueError(f"{name} must lie in {bound}, got {value!r}")
+
+        for name, minimum in (("v_num_grad_steps", 1), ("mom2_n_samples", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        number("v_lr", 0, low_open=True)
+        number("clamp_norm_factor", 0, low_open=True)
+        number("v_weight_decay", 0, low_open=False)
+        number("kl_factor", 0, low_open=False)
+        number("early_stop_loss", 0, low_open=False)
+        number("mom2_update_weight", 0, low_open=False, high=1)
+        if not isinstance(self.mom2_adjustment, bool):
+            raise ValueError(f"mom2_adjustment must be True or False, got {self.mom2_adjustment!r}")
+        if not isinstance(self.mom2_dataset, str) or not self.mom2_dataset:
+            raise ValueError(f"mom2_dataset must be a corpus name, got {self.mom2_dataset!r}")
+        for pair in self.context_template_length_params:
+            if len(pair) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in pair) \
+                    or min(pair) < 0:
+                raise ValueError(f"context_template_length_params: [[length, count], ...] of "
+                                 f"integers >= 0, got {pair!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -549,6 +571,19 @@ class ROMEEdit(WeightEdit):
         slots.add_(self.update_matrix().to(slots.device, slots.dtype))
 
 
+def as_hparams(hparams, lm=None) -> ROMEHyperParams:
+    """``hparams`` if it is a :class:`ROMEHyperParams`; None: the preset for ``lm``; else TypeError."""
+    if hparams is None:
+        if lm is None:
+            raise ValueError("hparams=None needs the model to choose its preset")
+        return ROMEHyperParams.for_model(lm)
+    if not isinstance(hparams, ROMEHyperParams):
+        hint = " (build one with ROMEHyperParams(**your_dict))" if isinstance(hparams, dict) else ""
+        raise TypeError(f"ROME hparams must be a ROMEHyperParams or None, got "
+                        f"{type(hparams).__name__}{hint}")
+    return hparams
+
+
 def rome_edit(lm, prompt: str, subject: str, target_new: str, hparams: ROMEHyperParams | None = None,
               *, data_dir=None, progress: bool = False) -> ROMEEdit:
     """Edit ``lm`` so that ``prompt`` (which contains ``subject``) continues with ``target_new``.
@@ -565,7 +600,7 @@ def rome_edit(lm, prompt: str, subject: str, target_new: str, hparams: ROMEHyper
         raise ValueError(f"subject {subject!r} not in prompt {prompt!r}")
     if "{" in prompt or "}" in prompt:
         raise ValueError(f"braces are not allowed in a ROME prompt: {prompt!r}")
-    hp = (hparams or ROMEHyperParams.for_model(lm)).resolve(lm)
+    hp = as_hparams(hparams, lm).resolve(lm)
     checked = tg.check_prompt(lm, prompt)          # masks / trailing whitespace, raises on bad prompts
     if subject not in checked:
         raise ValueError(f"subject {subject!r} not in prompt {checked!r} (after whitespace trimming)")
