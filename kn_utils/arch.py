@@ -151,7 +151,7 @@ class Architecture:
         if layers is None:
             return list(range(self.n_layers))
         if isinstance(layers, (str, bytes)):
-            raise TypeError(f"{name} must be a layer index or a list of them, got {layers!r}")
+            raise TypeError(f"{name} must be an integer layer index or a list of them, got {layers!r}")
         try:
             items = list(layers)
         except TypeError:  # a scalar (0-d tensors refuse iteration too)

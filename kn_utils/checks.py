@@ -41,7 +41,7 @@ def as_indices(values, name: str, size: int | None = None, *, negative: bool = F
     """A scalar index or a sequence / array / tensor of them as a list of Python ints (each checked
     as by :func:`as_index`).  Float and bool arrays are rejected, not cast."""
     if isinstance(values, (str, bytes)):
-        raise TypeError(f"{name} must be integer indices, got the string {values!r}")
+        raise TypeError(f"{name} must be an integer or a sequence of integers, got the string {values!r}")
     if _is_int_scalar(values):
         return [as_index(values, name, size, negative=negative, range_text=range_text)]
     if isinstance(values, (np.ndarray, torch.Tensor)):
