@@ -253,3 +253,15 @@ def test_demo_runs_with_no_data_folder(tmp_path, kn_data_dir):
     assert "data sets: none found" in out.stdout
     assert f"known facts from builtin:known_facts.json ({BUILTIN_FACTS} items)" in out.stdout
     assert out.stderr.count("BuiltinDataWarning") == 1
+
+
+def test_traced_facts_keep_their_source(tiny, no_data):
+    from kn_utils.tracing import average_indirect_effect, filter_known
+    with pytest.warns(BuiltinDataWarning, match="known facts"):
+        facts = load_known_facts(n=2)
+    lm = tiny("gpt2")
+    assert filter_known(lm, facts).attrs["data_source"] == facts.attrs["data_source"]
+    aie = average_indirect_effect(lm, facts, samples=2, noise=0.1, only_correct=False, progress=False)
+    assert aie.attrs["data_source"] == f"builtin:known_facts.json ({BUILTIN_FACTS} items)"
+    assert "data_source" not in average_indirect_effect(
+        lm, [(facts.prompt[0], facts.subject[0])], samples=2, noise=0.1, progress=False).attrs
