@@ -265,3 +265,30 @@ def test_traced_facts_keep_their_source(tiny, no_data):
     assert aie.attrs["data_source"] == f"builtin:known_facts.json ({BUILTIN_FACTS} items)"
     assert "data_source" not in average_indirect_effect(
         lm, [(facts.prompt[0], facts.subject[0])], samples=2, noise=0.1, progress=False).attrs
+
+
+def test_command_outputs_carry_the_source(tmp_path, no_data, monkeypatch):
+    import pandas as pd
+    from tiny_models import save_tiny
+
+    from kn_utils.cli import main
+    model = save_tiny("llama", tmp_path / "model")  # before the cache moves: it reads the tokenizer there
+    monkeypatch.setenv("KN_UTILS_CACHE", str(tmp_path / "cache"))  # ROME writes nothing to the real one
+    monkeypatch.setenv("KN_DATA_DIR", "")
+    out = tmp_path / "out"
+    with pytest.warns(BuiltinDataWarning):
+        assert main(["localise", "--model", model, "--device", "cpu", "--paradigm", "sva_1", "--n", "2",
+                     "--eval-n", "4", "--steps", "2", "--no-figures", "--out", str(out),
+                     "--data-dir", ""]) == 0
+    uid = "regular_plural_subject_verb_agreement_1"
+    summary = json.loads((out / f"localise_{uid}.json").read_text())
+    assert summary["data_source"].startswith("builtin:blimp_mini.jsonl (")
+    for table in ("groups", "prompts"):
+        frame = pd.read_csv(out / f"localise_{uid}_{table}.csv")
+        assert set(frame["data_source"]) == {summary["data_source"]}
+    with pytest.warns(BuiltinDataWarning):
+        assert main(["evaluate-edits", "--model", model, "--device", "cpu", "--relation", "P36", "--n", "2",
+                     "--steps", "2", "--layer", "1", "--no-mom2", "--out", str(out)]) == 0
+    expected = f"builtin:pararel_mini.json ({BUILTIN_P36} items)"
+    assert set(pd.read_csv(out / "edits_rome_P36.csv")["data_source"]) == {expected}
+    assert set(pd.read_csv(out / "edits_rome_summary.csv")["data_source"]) == {expected}

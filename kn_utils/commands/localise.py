@@ -121,7 +121,8 @@ def run(args) -> int:
         # a CSV keeps no attrs: the source goes in a column
         groups.assign(data_source=summary["data_source"]).to_csv(out / f"localise_{uid}_groups.csv",
                                                                  index=False)
-        prompts.to_csv(out / f"localise_{uid}_prompts.csv", index=False)
+        prompts.assign(data_source=summary["data_source"]).to_csv(out / f"localise_{uid}_prompts.csv",
+                                                                  index=False)
         print(f"{uid}: pairs from {summary['data_source']}")
         print(groups[["paradigm", "group", "n_prompts", "kn_count_tau_start", "tau", "r2", "neurons"]]
               .to_string(index=False))
