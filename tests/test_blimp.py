@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kn_utils as ku
-from kn_utils.data import blimp
+from kn_utils.data import BuiltinDataWarning, blimp
 from kn_utils.hooks import hook_count
 from kn_utils.targets import prepare, target_log_probs
 
@@ -47,7 +47,7 @@ def test_files_first(data_dir):
 
 
 def test_builtin_fallback(tmp_path, no_hub):
-    with pytest.warns(UserWarning, match="built-in mini set"):
+    with pytest.warns(BuiltinDataWarning, match="built-in mini set builtin:blimp_mini.jsonl"):
         rows = blimp.load_paradigm("regular_plural_subject_verb_agreement_1", data_dir=tmp_path)
     assert len(rows) >= 20 and {r["UID"] for r in rows} == {"regular_plural_subject_verb_agreement_1"}
     assert set(blimp.PAPER_PARADIGMS) <= set(blimp.builtin_paradigms())
@@ -55,6 +55,23 @@ def test_builtin_fallback(tmp_path, no_hub):
         blimp.load_paradigm("adjunct_island", data_dir=tmp_path)
     with pytest.raises(ValueError, match="no BLiMP file"):
         blimp.load_paradigm("dna_1", data_dir=tmp_path, source="files")
+
+
+def test_malformed_line_names_file_and_line(tmp_path, no_hub):
+    folder = tmp_path / "blimp"
+    folder.mkdir()
+    path = folder / "determiner_noun_agreement_1.jsonl"
+    good = json.dumps(blimp._builtin_rows()[0])
+    # line 3 is blank (skipped, but counted), line 4 is cut off: the error must say line 4, not line 1
+    path.write_text(f"{good}\n{good}\n\n{good[:40]}\n{good}\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, line 4: not valid JSON"):
+        blimp.load_paradigm("dna_1", data_dir=tmp_path)
+    path.write_text(f"{good}\n[1, 2]\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, line 2: expected a JSON object"):
+        blimp.load_paradigm("dna_1", data_dir=tmp_path)
+    path.write_text(f"{good}\n\n{good}\n")
+    rows = blimp.load_paradigm("dna_1", data_dir=tmp_path)
+    assert len(rows) == 2 and rows.source == f"{path} (2 items)"
 
 
 def test_hub_needs_datasets(monkeypatch):

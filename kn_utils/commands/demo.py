@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 import kn_utils as ku
+from kn_utils.data import data_root
+from kn_utils.data.counterfact import load_known_facts
 
 HELP = "predictions of the model for factual prompts, and one neuron-suppression effect"
 
@@ -36,12 +38,24 @@ def top_active_neurons(lm, prompt: str, count: int) -> list[tuple[int, int]]:
 
 
 def run(args) -> int:
+    # before the model: a KN_DATA_DIR that is not a folder fails here, in a second, not in a notebook
+    root = data_root()
     lm = ku.load_model(args.model, device=args.device)
     print(lm)
+    print(f"data sets: {root}" if root is not None else
+          "data sets: none found (KN_DATA_DIR unset, no ../shared/data): the notebooks use the built-in "
+          "mini sets under data/builtin/ and say so")
     print(f"\nTop-{args.top_k} next tokens")
     for prompt, _ in FACTS:
         shown = ", ".join(f"{tok!r} {p:.3f}" for tok, p in ku.predict(lm, prompt, args.top_k))
         print(f"  {prompt!r:50} -> {shown}")
+
+    # through the loaders as the notebooks use them: with no data folder this is the built-in list
+    facts = load_known_facts(n=3)
+    print(f"\nROME's known facts from {facts.attrs['data_source']}")
+    for fact in facts.itertuples():
+        p = ku.target_probability(lm, fact.prompt, fact.target)
+        print(f"  {fact.prompt!r:50} -> P({fact.target!r}) {p:.3f}")
 
     prompt, answer = FACTS[0]
     neurons = top_active_neurons(lm, prompt, args.neurons)

@@ -41,8 +41,10 @@ def run(args) -> int:
         df = evaluate_edits(lm, editor=args.editor, relation=rel, n=args.n, data_dir=args.data_dir,
                             hparams=hparams)
         path = out / f"edits_{args.editor}_{rel}.csv"
-        df.to_csv(path, index=False)
-        print(f"{rel}: {len(df)} items ({df.attrs.get('n_skipped', 0)} skipped) -> {path}")
+        # a CSV keeps no attrs: the source goes in a column, so a file from the mini set says so
+        df.assign(data_source=df.attrs["data_source"]).to_csv(path, index=False)
+        print(f"{rel}: {len(df)} items ({df.attrs.get('n_skipped', 0)} skipped) from "
+              f"{df.attrs['data_source']} -> {path}")
         frames[rel] = df
     table = summarize_edits(frames)
     summary = out / f"edits_{args.editor}_summary.csv"

@@ -7,7 +7,7 @@ For each paradigm and each group of its pairs (singular / plural targets, or ana
 first ``--n`` pairs whose good word is one token are attributed with integrated gradients and
 refined into KNs (adaptive τ).  Written under ``--out``:
 
-* ``localise_<UID>.json``   model, data source, per group: neurons, τ, |KN| at τ = 0.7, R²₁, and
+* ``localise_<UID>.json``   model, data source (``data_source``: file or builtin:<file>, items), per group: neurons, τ, |KN| at τ = 0.7, R²₁, and
   BLiMP accuracy before / after suppressing the group's KNs;
 * ``localise_<UID>_groups.csv``  the same per group, one row each;
 * ``localise_<UID>_prompts.csv`` per prompt: top neuron and score, coarse-neuron count, the summed
@@ -87,6 +87,7 @@ def localise_paradigm(lm, uid, *, n, eval_n=None, steps=20, threshold=0.2, tau=0
         raise ValueError(f"{uid}: no group has two or more single-token pairs for {lm.name}")
     ev = pairs.head(eval_n or n * len(results))
     summary = {"model": lm.name, "paradigm": uid, "source": pairs.attrs["source"],
+               "data_source": pairs.attrs["data_source"],
                "pairs_available": len(pairs), "skipped": pairs.attrs["n_skipped"], "steps": steps,
                "threshold": threshold, "tau_start": tau, "groups": {}}
     before = blimp.accuracy(lm, ev)
@@ -97,7 +98,10 @@ def localise_paradigm(lm, uid, *, n, eval_n=None, steps=20, threshold=0.2, tau=0
             "kn_count_tau_start": res.n_initial, "r2": res.r2, "converged": res.converged,
             "message": res.message, "accuracy_before": before, "accuracy_after_suppression": after,
             "eval_pairs": len(ev)}
-    return summary, pd.DataFrame(group_rows), pd.DataFrame(prompt_rows), maps
+    tables = pd.DataFrame(group_rows), pd.DataFrame(prompt_rows)
+    for table in tables:
+        table.attrs["data_source"] = pairs.attrs["data_source"]
+    return summary, *tables, maps
 
 
 def run(args) -> int:
@@ -114,8 +118,12 @@ def run(args) -> int:
             tau=args.tau, adaptive=not args.no_adaptive, data_dir=args.data_dir)
         uid = summary["paradigm"]
         (out / f"localise_{uid}.json").write_text(json.dumps(summary, indent=2))
-        groups.to_csv(out / f"localise_{uid}_groups.csv", index=False)
-        prompts.to_csv(out / f"localise_{uid}_prompts.csv", index=False)
+        # a CSV keeps no attrs: the source goes in a column
+        groups.assign(data_source=summary["data_source"]).to_csv(out / f"localise_{uid}_groups.csv",
+                                                                 index=False)
+        prompts.assign(data_source=summary["data_source"]).to_csv(out / f"localise_{uid}_prompts.csv",
+                                                                  index=False)
+        print(f"{uid}: pairs from {summary['data_source']}")
         print(groups[["paradigm", "group", "n_prompts", "kn_count_tau_start", "tau", "r2", "neurons"]]
               .to_string(index=False))
         for group, info in summary["groups"].items():

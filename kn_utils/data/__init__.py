@@ -1,22 +1,125 @@
-"""Data loaders.  Every loader takes ``data_dir=None`` and finds its files through :func:`data_root`."""
+"""Data loaders.  Every loader takes ``data_dir=None`` and finds its files through :func:`data_root`.
+
+Where a loader had to use one of the project's built-in mini sets instead of the data set, it says so
+with one :class:`BuiltinDataWarning`, and what it returns carries its source (:func:`source_of`):
+a path or ``builtin:<file>``, with the number of items, so that no table of results can pass for the
+data set's when it came from a handful of our own examples.
+"""
 from __future__ import annotations
 
-import os
+import json
+import warnings
 from pathlib import Path
 
+from ..settings import env, env_flag, given
+
 DATA_ENV = "KN_DATA_DIR"
+# "0" turns off the look beside the checkout (tests of a machine without data; a fresh clone)
+SHARED_ENV = "KN_SHARED_DATA"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILTIN_DIR = REPO_ROOT / "data"  # data the project writes itself (synonyms, built-in sets)
+SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"  # the read-only data sets beside the checkout
+BUILTIN_PREFIX = "builtin:"
+
+
+class BuiltinDataWarning(UserWarning):
+    """A loader fell back to a built-in mini set: results are not the data set's."""
 
 
 def data_root(data_dir=None) -> Path | None:
     """The folder holding blimp/, pararel/, counterfact/, wikitext/ ... or None if there is none.
 
-    Order: the argument, ``$KN_DATA_DIR``, then ``../shared/data`` beside the checkout.
+    Order: the argument, ``$KN_DATA_DIR``, then ``../shared/data`` beside the checkout (unless
+    ``KN_SHARED_DATA=0``).  An empty argument or variable counts as not given; one that is given but
+    is not a folder raises FileNotFoundError rather than being passed over.
     """
-    for candidate in (data_dir, os.environ.get(DATA_ENV), REPO_ROOT.parent / "shared" / "data"):
-        if candidate and Path(candidate).expanduser().is_dir():
-            return Path(candidate).expanduser()
-    if data_dir:
-        raise FileNotFoundError(f"data directory not found: {data_dir}")
+    if given(data_dir):
+        path = Path(str(data_dir).strip()).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"data directory not found: data_dir={str(data_dir)!r} is not a folder; pass the folder "
+                f"holding blimp/, pararel/, counterfact/, wikitext/, or data_dir=None to use "
+                f"${DATA_ENV} / the built-in mini sets")
+        return path
+    value = env(DATA_ENV)
+    if value is not None:
+        path = Path(value).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"data directory not found: {DATA_ENV}={value!r} is not a folder; point it at the folder "
+                f"holding blimp/, pararel/, counterfact/, wikitext/, or unset it (unset {DATA_ENV}) to "
+                f"use ../shared/data beside the checkout or the built-in mini sets")
+        return path
+    if env_flag(SHARED_ENV, True) and SHARED_DATA_DIR.is_dir():
+        return SHARED_DATA_DIR
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Where a loaded set came from
+# --------------------------------------------------------------------------------------------------
+def source_label(path, n_items: int) -> str:
+    """``"<path> (N items)"``, or ``"builtin:<file> (N items)"`` for a file of the built-in sets.
+
+    ``path`` may already be a label such as ``"hub:nyu-mll/blimp"``.
+    """
+    text = str(path)
+    p = Path(text)
+    if p.is_absolute() and p.resolve().parent == (BUILTIN_DIR / "builtin").resolve():
+        text = BUILTIN_PREFIX + p.name
+    return f"{text} ({n_items} items)"
+
+
+def is_builtin(source) -> bool:
+    """Whether a source (label, DataFrame or loaded list) is one of the built-in mini sets."""
+    label = source if isinstance(source, str) else source_of(source)
+    return bool(label) and label.startswith(BUILTIN_PREFIX)
+
+
+def source_of(loaded) -> str | None:
+    """The ``data_source`` label of a loaded set or a result table (None if it has none)."""
+    attrs = getattr(loaded, "attrs", None)
+    if isinstance(attrs, dict):
+        return attrs.get("data_source")
+    return getattr(loaded, "source", None)
+
+
+def warn_builtin(what: str, path, n_items: int, why: str, stacklevel: int = 3) -> str:
+    """The one warning a loader gives when it falls back to a built-in set; returns the source label."""
+    label = source_label(path, n_items)
+    warnings.warn(f"{what}: {why}; using the built-in mini set {label}, our own examples, so results "
+                  f"are not the data set's (set {DATA_ENV} to the data folder)",
+                  BuiltinDataWarning, stacklevel=stacklevel)
+    return label
+
+
+class Loaded(list):
+    """A list of loaded items that knows where they came from (``.source``, see :func:`source_label`)."""
+
+    def __init__(self, items=(), source: str | None = None):
+        super().__init__(items)
+        self.source = source
+
+
+def read_jsonl(path) -> list[dict]:
+    """The JSON objects of a jsonl file, one per non-blank line; a bad line names the file and its
+    1-based line number."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}); "
+                                 f"fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got "
+                                 f"{type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+__all__ = ["BuiltinDataWarning", "Loaded", "data_root", "is_builtin", "read_jsonl", "source_label",
+           "source_of", "warn_builtin"]

@@ -17,7 +17,6 @@ How a pair becomes a prompt (the paper §3, REFERENCE.md §2):
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 import warnings
@@ -27,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import BUILTIN_DIR, data_root
+from . import BUILTIN_DIR, Loaded, data_root, read_jsonl, source_label, warn_builtin
 
 BUILTIN_FILE = BUILTIN_DIR / "builtin" / "blimp_mini.jsonl"
 HUB_ID = "nyu-mll/blimp"
@@ -120,8 +119,7 @@ def _builtin_table() -> tuple[dict, ...]:
     # read once per process: every paradigm-name lookup consults the built-in set
     if not BUILTIN_FILE.exists():
         return ()
-    with BUILTIN_FILE.open() as f:
-        return tuple(json.loads(line) for line in f if line.strip())
+    return tuple(read_jsonl(BUILTIN_FILE))
 
 
 def _builtin_rows() -> list[dict]:
@@ -175,7 +173,8 @@ def _from_hub(uid: str) -> list[dict]:
                          f"pass data_dir or set KN_DATA_DIR to a folder with blimp/{uid}.jsonl") from err
 
 
-def _load(uid, data_dir=None, n=None, source="auto") -> tuple[list[dict], str]:
+def _load(uid, data_dir=None, n=None, source="auto") -> tuple[Loaded, str]:
+    """(rows with ``.source`` = "<origin> (N items)", origin); N counts the paradigm's rows there."""
     _check_n(n)
     if source not in ("auto", "files", "hub", "builtin"):
         raise ValueError(f"source must be 'auto', 'files', 'hub' or 'builtin', got {source!r}")
@@ -185,8 +184,7 @@ def _load(uid, data_dir=None, n=None, source="auto") -> tuple[list[dict], str]:
         root = data_root(data_dir)
         path = root / "blimp" / f"{uid}.jsonl" if root is not None else None
         if path is not None and path.exists():
-            with path.open() as f:
-                rows, origin = [json.loads(line) for line in f if line.strip()], str(path)
+            rows, origin = read_jsonl(path), str(path)
         elif source == "files":
             raise ValueError(f"no BLiMP file for {uid!r}: looked for "
                              f"{path or '<data_dir>/blimp/' + uid + '.jsonl'} (set KN_DATA_DIR)")
@@ -207,9 +205,9 @@ def _load(uid, data_dir=None, n=None, source="auto") -> tuple[list[dict], str]:
                              f"{', '.join(builtin_paradigms())}")
         origin = f"builtin:{BUILTIN_FILE.name}"
         if source == "auto":
-            warnings.warn(f"BLiMP {uid}: no data directory or hub access; using the built-in mini set "
-                          f"({len(rows)} of our own sentences, not BLiMP's)", stacklevel=3)
-    return (rows[:n] if n else rows), origin
+            warn_builtin(f"BLiMP {uid}", BUILTIN_FILE, len(rows),
+                         "no data directory with blimp/ and no hub access", stacklevel=4)
+    return Loaded(rows[:n] if n else rows, source_label(origin, len(rows))), origin
 
 
 def load_paradigm(uid: str, data_dir=None, n: int | None = None, *, source: str = "auto") -> list[dict]:
@@ -218,7 +216,7 @@ def load_paradigm(uid: str, data_dir=None, n: int | None = None, *, source: str 
     ``uid``: a BLiMP UID or a paper short name ("dna_1", "with_adj_1", ...).  ``source``: "auto" (data
     directory, hub, built-in set, in that order), or one of "files", "hub", "builtin" only.
     """
-    return _load(uid, data_dir, n, source)[0]
+    return _load(uid, data_dir, n, source)[0]  # a list; .source says where it came from
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,7 +376,8 @@ def minimal_pairs(lm, uid: str, data_dir=None, n: int | None = None, *, source: 
         raise ValueError(f"{uid}: none of the {len(rows)} rows is usable with {lm.name} "
                          f"(first reason: {skipped[0][1] if skipped else 'no rows'})")
     df = pd.DataFrame.from_records(records, columns=COLUMNS)
-    df.attrs.update(uid=uid, source=origin, n_rows=len(rows), n_skipped=len(skipped), skipped=skipped)
+    df.attrs.update(uid=uid, source=origin, data_source=rows.source, n_rows=len(rows),
+                    n_skipped=len(skipped), skipped=skipped)
     return df
 
 
@@ -437,7 +436,8 @@ def expand_templates(lm, uid: str = _DNA + "2", data_dir=None, n: int | None = N
         ids = prepare(lm, df["prompt"].iloc[0], det).target_ids
         if len(ids) != 1:
             raise ValueError(f"determiner {det!r} is {len(ids)} tokens for {lm.name}; a mask covers one")
-    df.attrs.update(uid=uid, source=origin, n_pairs=len(pairs), n_templates=len(templates))
+    df.attrs.update(uid=uid, source=origin, data_source=rows.source, n_pairs=len(pairs),
+                    n_templates=len(templates))
     return df
 
 
@@ -531,7 +531,8 @@ def trace_items(lm, uid: str, corrupt: str, n: int, data_dir=None, *, pool: int 
     out = pd.DataFrame({"prompt": scored["prompt"], "subject": scored[corrupt],
                         "target": scored["good_token"], "p_target": scored["logp_good"].map(math.exp),
                         "group": scored["group"]}).reset_index(drop=True)
-    out.attrs.update(uid=pairs.attrs["uid"], corrupted=corrupt, pool=len(keep))
+    out.attrs.update(uid=pairs.attrs["uid"], data_source=pairs.attrs["data_source"], corrupted=corrupt,
+                     pool=len(keep))
     return out
 
 

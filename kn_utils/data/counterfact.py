@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import BUILTIN_DIR, data_root
+from . import BUILTIN_DIR, data_root, source_label, warn_builtin
+from ..settings import given
 
 KNOWN_FILE = "known_1000.json"
 BUILTIN_KNOWN = BUILTIN_DIR / "builtin" / "known_facts.json"
@@ -27,7 +28,10 @@ def _check_n(n):
 
 def _read_json(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
 
 
 def load_known_facts(data_dir=None, n: int | None = None, *, builtin: bool = False) -> pd.DataFrame:
@@ -35,15 +39,21 @@ def load_known_facts(data_dir=None, n: int | None = None, *, builtin: bool = Fal
     relation_id, target), first ``n`` rows.
 
     ``target`` is the attribute with a leading space (the token the model should produce).  Uses
-    ``counterfact/known_1000.json`` under the data folder, else (or with ``builtin=True``) the
-    project's built-in list.
+    ``counterfact/known_1000.json`` under the data folder; a ``data_dir`` given without that file is
+    an error.  Without a data folder (or one found through ``$KN_DATA_DIR`` / ``../shared/data``
+    without the file), the project's built-in list, with a
+    :class:`~kn_utils.data.BuiltinDataWarning`; ``builtin=True`` asks for it (no warning).
+    ``df.attrs["data_source"]``: the file and its number of facts.
     """
     _check_n(n)
     root = None if builtin else data_root(data_dir)
     path = root / "counterfact" / KNOWN_FILE if root is not None else None
-    if path is None or not path.exists():
-        if data_dir is not None and not builtin:
-            raise FileNotFoundError(f"{KNOWN_FILE} not found under {data_dir}/counterfact")
+    fallback = path is None or not path.exists()
+    if fallback:
+        if given(data_dir) and not builtin:
+            raise FileNotFoundError(f"{KNOWN_FILE} not found under {root / 'counterfact'}: pass the data "
+                                    f"folder holding counterfact/{KNOWN_FILE}, or data_dir=None for the "
+                                    f"built-in known facts")
         path = BUILTIN_KNOWN
     rows = _read_json(path)
     df = pd.DataFrame(rows)
@@ -59,6 +69,11 @@ def load_known_facts(data_dir=None, n: int | None = None, *, builtin: bool = Fal
     if bad:
         raise ValueError(f"{path}: subject not in prompt for {len(bad)} facts, e.g. {bad[0]!r}")
     df.attrs["source"] = str(path)
+    if fallback and not builtin:
+        why = "no data directory" if root is None else f"no {KNOWN_FILE} under {root / 'counterfact'}"
+        df.attrs["data_source"] = warn_builtin("known facts", path, len(df), why)
+    else:
+        df.attrs["data_source"] = source_label(path, len(df))
     return df.head(n).reset_index(drop=True) if n else df
 
 
@@ -77,6 +92,7 @@ def load_counterfact(data_dir=None, split: str = "edit", n: int | None = None) -
         raise FileNotFoundError(f"CounterFact file not found: {path}")
     df = pd.DataFrame(_read_json(path))
     df.attrs["source"] = str(path)
+    df.attrs["data_source"] = source_label(path, len(df))
     return df.head(n).reset_index(drop=True) if n else df
 
 

@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import BUILTIN_DIR, data_root
+from . import BUILTIN_DIR, Loaded, data_root, read_jsonl, source_label, warn_builtin
 
 MASK = "[MASK]"
 BAGS_FILE = Path("pararel") / "data_all_allbags.json"
@@ -52,6 +52,7 @@ def _norm(text: str) -> str:
 
 
 def _source(data_dir) -> Path:
+    """The bag file: the data folder's, else the built-in mini set (see :func:`load_bags`)."""
     root = data_root(data_dir)
     if root is not None and (root / BAGS_FILE).exists():
         return root / BAGS_FILE
@@ -72,8 +73,7 @@ def _read_patterns(root: str | None, relation: str) -> tuple[str, ...] | None:
     for folder in PATTERN_DIRS:
         path = Path(root) / folder / f"{relation}.jsonl"
         if path.exists():
-            with open(path, encoding="utf-8") as f:
-                return tuple(_norm(json.loads(line)["pattern"]) for line in f if line.strip())
+            return tuple(_norm(row["pattern"]) for row in read_jsonl(path))
     return None
 
 
@@ -152,7 +152,9 @@ def load_bags(relation: str, data_dir=None, n: int | None = None) -> list[Bag]:
     """The first ``n`` (all if None) fact bags of ``relation`` ("P36" or "P36(capital)").
 
     Reads ``<data_root>/pararel/data_all_allbags.json``; without a data directory, the built-in mini
-    set ``data/builtin/pararel_mini.json`` (a few bags of P36, P1376 and P101).
+    set ``data/builtin/pararel_mini.json`` (a few bags of P36, P1376 and P101), with a
+    :class:`~kn_utils.data.BuiltinDataWarning`.  The list's ``.source`` names the file and how many
+    bags of the relation it holds.
     """
     rel = _relation_id(relation)
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
@@ -163,6 +165,11 @@ def load_bags(relation: str, data_dir=None, n: int | None = None) -> list[Bag]:
         raise ValueError(f"unknown ParaRel relation {relation!r} in {source}; "
                          f"valid relations: {', '.join(relations(data_dir))}")
     raw = table[rel][:n] if n is not None else table[rel]
+    if source == BUILTIN_BAGS:
+        origin = warn_builtin(f"ParaRel {rel}", source, len(table[rel]),
+                              "no data directory with " + str(BAGS_FILE))
+    else:
+        origin = source_label(source, len(table[rel]))
     root = data_root(data_dir) if source != BUILTIN_BAGS else None
     patterns = _read_patterns(str(root) if root else None, rel)
     if patterns is None:
@@ -175,7 +182,7 @@ def load_bags(relation: str, data_dir=None, n: int | None = None) -> list[Bag]:
         label = label[label.find("(") + 1:-1] if "(" in label else ""
         bags.append(Bag(relation=rel, subject=subject, object=entries[0][1], prompts=prompts,
                         templates=tuple(_template(p, subject) for p in prompts), label=label))
-    return bags
+    return Loaded(bags, origin)
 
 
 @functools.lru_cache(maxsize=64)
