@@ -251,7 +251,6 @@ def clean_stale_tmp(parent: Path) -> list[Path]:
 def _locked(target: Path):
     """An exclusive lock per cache folder (fcntl; released by the kernel if the holder dies), so two
     processes loading the same model for the first time convert it once."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "a+") as handle:
         try:
             import fcntl
@@ -284,6 +283,7 @@ def cached_folder(target: str | os.PathLike, build: Callable[[Path], None], *,
     target = Path(target)
     if target.is_dir() and damaged_inode is None and check_model_folder(target) is None:
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target):
         clean_stale_tmp(target.parent)
         if target.is_dir():
