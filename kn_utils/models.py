@@ -169,12 +169,13 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def check_model_folder(folder: str | os.PathLike) -> str | None:
+def check_model_folder(folder: str | os.PathLike, *, full: bool = False) -> str | None:
     """What is wrong with a model folder (None: nothing found). Reads no weights.
 
     With a manifest (folders kn_utils wrote): every file's size, and the digest of a file whose
     mtime moved. Without one (older caches, user folders): JSON files parse, safetensors sizes match
     their headers. Values that are bytes-valid but wrong (NaN) are caught after loading instead.
+    ``full``: digest every file in the manifest, whatever its mtime.
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -194,10 +195,10 @@ def check_model_folder(folder: str | os.PathLike) -> str | None:
             stat = path.stat()
             if stat.st_size != size:
                 return f"{name} has {stat.st_size} bytes, {size} were written"
-            if stat.st_mtime_ns != mtime:
+            if full or stat.st_mtime_ns != mtime:
                 if _file_digest(path) != digest:
                     return f"{name} was modified after it was written (content differs)"
-                moved = True
+                moved = moved or stat.st_mtime_ns != mtime
         if moved:   # copied or touched, content intact: remember the new mtimes
             try:
                 _write_manifest(folder)
@@ -373,8 +374,8 @@ def _load_folder(folder: Path, dtype, hf_kwargs, checked: bool = False):
     try:
         model = _auto_class(config).from_pretrained(folder, dtype=dtype, local_files_only=True, **hf_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (ImportError, TypeError) as err:   # a missing package, a wrong keyword: not the folder
-        raise
+    except (ImportError, TypeError, MemoryError, torch.OutOfMemoryError):
+        raise   # a missing package, a wrong keyword, no memory: not the folder's fault
     except Exception as err:
         raise DamagedCache(f"{type(err).__name__}: {err}") from err
     bad = _nonfinite(model)
@@ -394,6 +395,12 @@ def load_converted(make_folder: Callable[[int | None], Path], dtype, hf_kwargs):
     try:
         return (*_load_folder(folder, dtype, hf_kwargs, checked=True), folder)
     except DamagedCache as err:
+        if (folder / MANIFEST).exists() and check_model_folder(folder, full=True) is None:
+            # Every file is byte for byte what was written: rebuilding would not help.
+            if err.__cause__ is not None:   # e.g. a bad keyword for from_pretrained
+                raise err.__cause__
+            raise DamagedCache(f"the cached model {folder}: {err}, although its files are as "
+                               f"written; delete that folder and try again") from err
         warnings.warn(f"kn_utils: the cached model {folder} is damaged ({err}); rebuilding it",
                       stacklevel=3)
         folder = make_folder(folder.stat().st_ino)

@@ -249,9 +249,28 @@ def test_intact_cache_is_not_rebuilt_and_a_copy_is_trusted(tmp_path):
 
 def test_a_cache_that_stays_damaged_says_which_folder_to_delete(tmp_path):
     target = tmp_path / "models" / "m"
-    with pytest.warns(UserWarning):
+    # files as written (manifest digests match) but NaN weights: rebuilding cannot help
+    build = Builder(nan=True)
+    with pytest.raises(models.DamagedCache, match=re.escape(str(target)) + ".*NaN.*delete"):
+        _load(target, build)
+    assert build.calls == 1
+    # without a manifest (an older cache) it is rebuilt once, then the error names the folder
+    (target / models.MANIFEST).unlink()
+    with pytest.warns(UserWarning, match=re.escape(str(target))):
         with pytest.raises(models.DamagedCache, match=re.escape(str(target)) + ".*delete"):
-            _load(target, Builder(nan=True))
+            _load(target, build)
+    assert build.calls == 2
+
+
+def test_a_load_error_that_is_not_the_caches_fault_is_not_a_rebuild(tmp_path):
+    target = tmp_path / "models" / "m"
+    build = Builder()
+    _load(target, build)
+    with pytest.raises(Exception) as info:
+        models.load_converted(lambda inode: models.cached_folder(target, build, damaged_inode=inode),
+                              torch.float32, {"device_map": "no-such-device"})
+    assert not isinstance(info.value, models.DamagedCache)
+    assert build.calls == 1 and models.check_model_folder(target) is None
 
 
 @pytest.mark.parametrize("damage", ["truncated weights", "garbage config.json", "flipped bytes"])
