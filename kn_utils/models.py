@@ -219,7 +219,8 @@ def check_model_folder(folder: str | os.PathLike, *, full: bool = False) -> str 
     return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -239,7 +240,7 @@ def clean_stale_tmp(parent: Path) -> list[Path]:
         name = path.name
         if name.startswith(_TMP_PREFIX):
             pid = name[len(_TMP_PREFIX):].split("-", 1)[0]
-            stale = pid.isdigit() and not _pid_alive(int(pid))
+            stale = pid.isdigit() and not pid_alive(int(pid))
         else:   # written by an older kn_utils, which did not name its pid
             stale = time.time() - path.stat().st_mtime > _LEGACY_TMP_AGE_S
         if stale:

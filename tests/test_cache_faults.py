@@ -314,6 +314,19 @@ def test_damaged_statistics_are_recomputed(tiny, tmp_cache, data_dir, damage):
     assert STATS_COMPUTED["count"] == start + 1     # the rewritten file is read back
 
 
+def test_a_killed_statistics_writer_leaves_nothing_behind(tiny, tmp_cache, data_dir):
+    lm = tiny("llama")
+    path = stats_path(lm, 2, "wikitext", 100)
+    path.parent.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = path.with_name(f"{path.name}.{dead}.tmp")
+    live = path.with_name(f"{path.name}.1.tmp")     # pid 1 is alive: another writer, mid-write
+    stale.write_bytes(b"half"), live.write_bytes(b"busy")
+    layer_stats(lm, 2, "wikitext", 100, data_dir=data_dir, progress=False)
+    assert not stale.exists() and live.exists() and path.exists()
+
+
 def test_nan_activations_give_an_error_and_no_statistics_file(tmp_cache, data_dir):
     model, tok = tiny_model("llama")
     with torch.no_grad():

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .. import targets as tg
 from ..hooks import grad_ready, modify
-from ..models import cache_dir
+from ..models import cache_dir, pid_alive
 from .base import WeightEdit
 
 KL_PROMPT = "{} is a"
@@ -306,6 +306,10 @@ def layer_stats(lm, layer: int, corpus: str = "auto", n_tokens: int = 100_000, *
         raise ValueError(f"the key statistics of layer {layer} hold NaN or inf: the model's activations "
                          f"overflow or its weights are not finite (dtype {lm.dtype}); nothing was cached")
     path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob(f"{path.name}.*.tmp"):   # left by a writer killed mid-write
+        pid = old.name[len(path.name) + 1:-len(".tmp")]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            old.unlink(missing_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")   # one per writer: concurrent runs
     torch.save({"mom2": mom2, "count": seen, "corpus": corpus, "layer": layer, "model": str(lm.name)}, tmp)
     tmp.replace(path)
