@@ -173,8 +173,8 @@ def check_model_folder(folder: str | os.PathLike, *, full: bool = False) -> str 
     """What is wrong with a model folder (None: nothing found). Reads no weights.
 
     With a manifest (folders kn_utils wrote): every file's size, and the digest of a file whose
-    mtime moved. Without one (older caches, user folders): JSON files parse, safetensors sizes match
-    their headers. Values that are bytes-valid but wrong (NaN) are caught after loading instead.
+    mtime moved. Without one (older caches, user folders): small JSON files parse, safetensors sizes
+    match their headers. Values that are bytes-valid but wrong (NaN) are caught after loading instead.
     ``full``: digest every file in the manifest, whatever its mtime.
     """
     folder = Path(folder)
@@ -205,7 +205,8 @@ def check_model_folder(folder: str | os.PathLike, *, full: bool = False) -> str 
             except OSError:
                 pass
         return None
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    # (tokenizer.json, megabytes, is left to the tokenizer: its load error is caught with the path)
+    for name in ("config.json", "tokenizer_config.json"):
         path = folder / name
         if path.is_file():
             try:

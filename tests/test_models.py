@@ -11,6 +11,7 @@ import kn_utils as ku
 from kn_utils import models
 
 
+@pytest.mark.slow
 def test_default_model_knows_capitals(default_lm):
     assert default_lm.arch.n_layers == 30
     assert default_lm.arch.n_neurons == 1536
@@ -19,6 +20,7 @@ def test_default_model_knows_capitals(default_lm):
     assert ku.predict(default_lm, "The capital of Canada is", top_k=5)[0][0] == " Ottawa"
 
 
+@pytest.mark.slow
 def test_predict_probabilities_are_sorted_and_consistent(default_lm):
     top = ku.predict(default_lm, "The capital of France is", top_k=5)
     probs = [p for _, p in top]
@@ -27,6 +29,7 @@ def test_predict_probabilities_are_sorted_and_consistent(default_lm):
     assert ku.target_probability(default_lm, "The capital of France is", "Paris") == pytest.approx(probs[0], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_gguf_is_converted_once_then_loaded_from_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     calls = []
