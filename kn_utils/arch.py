@@ -69,6 +69,40 @@ def config_is_masked_lm(config) -> bool:
     return getattr(config, "model_type", None) in _MASKED_LM_TYPES
 
 
+# Class-name endings of checkpoints that carry a language-model head (what load_model can score with).
+_LM_HEAD_SUFFIXES = ("ForCausalLM", "ForMaskedLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def config_lm_head_problem(config) -> str | None:
+    """Why a checkpoint with this config has no language-model head (None: it has one, or its
+    config does not say). A ``BertModel`` or a sequence classifier would otherwise be loaded with a
+    freshly initialised head and predict noise."""
+    archs = getattr(config, "architectures", None) or []
+    if not archs or any(a.endswith(_LM_HEAD_SUFFIXES) for a in archs):
+        return None
+    return (f"the checkpoint is a {', '.join(archs)}, which has no language-model head "
+            f"(kn_utils needs a ...{' / ...'.join(_LM_HEAD_SUFFIXES)} checkpoint)")
+
+
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    """The longest input the model accepts, or None when its config sets no limit."""
+    config = model.config
+    limits = [getattr(config, key) for key in _POSITION_KEYS
+              if isinstance(getattr(config, key, None), int) and getattr(config, key) > 0]
+    if not limits:
+        return None
+    limit = min(limits)
+    # RoBERTa-style learned positions start after the padding index: ids padding_idx+1 onwards.
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) \
+                and module.padding_idx is not None:
+            limit = min(limit, module.num_embeddings - module.padding_idx - 1)
+    return limit
+
+
 class UnsupportedArchitecture(ValueError):
     """The model's module layout is not one kn_utils knows how to read."""
 
@@ -114,8 +148,7 @@ class Architecture:
     n_neurons: int
     d_model: int
     names: dict[str, list[str]] = field(default_factory=dict, repr=False)
-    # Longest input the model can read (its position table / trained context); None if unknown.
-    max_positions: int | None = None
+    max_positions: int | None = None  # longest input (tokens) the model accepts; None: no limit
 
     @property
     def n_layers(self) -> int:
@@ -206,18 +239,6 @@ def _first(block: nn.Module, names: tuple[str, ...]) -> tuple[str | None, nn.Mod
     return None, None
 
 
-def _max_positions(config) -> int | None:
-    """Context length from the config (n_positions / max_position_embeddings), None if absent."""
-    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            if getattr(config, "model_type", None) in ("roberta", "xlm-roberta", "camembert"):
-                # RoBERTa numbers positions from padding_idx + 1: the table holds pad + 1 fewer
-                value -= (getattr(config, "pad_token_id", None) or 0) + 1
-            return value
-    return None
-
-
 def describe(model: nn.Module) -> Architecture:
     """Find blocks, neuron sites, attention outputs, embeddings, final norm and head of ``model``."""
     if not hasattr(model, "config"):
@@ -258,5 +279,4 @@ def describe(model: nn.Module) -> Architecture:
         family=family, blocks=list(blocks), mlp_out=mlp_out, mlp_in=mlp_in, attn_out=attn_out,
         embed=model.get_input_embeddings(), final_norm=final_norm,
         unembed=model.get_output_embeddings(), is_masked_lm=is_masked_lm,
-        n_neurons=n_neurons, d_model=d_model, names=names,
-        max_positions=_max_positions(model.config))
+        n_neurons=n_neurons, d_model=d_model, names=names, max_positions=_max_positions(model))

@@ -1,5 +1,6 @@
 """load_model on the real embedded model: predictions, sizes, the GGUF cache, offline errors."""
 import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import kn_utils as ku
 from kn_utils import models
 
 
+@pytest.mark.slow
 def test_default_model_knows_capitals(default_lm):
     assert default_lm.arch.n_layers == 30
     assert default_lm.arch.n_neurons == 1536
@@ -18,6 +20,7 @@ def test_default_model_knows_capitals(default_lm):
     assert ku.predict(default_lm, "The capital of Canada is", top_k=5)[0][0] == " Ottawa"
 
 
+@pytest.mark.slow
 def test_predict_probabilities_are_sorted_and_consistent(default_lm):
     top = ku.predict(default_lm, "The capital of France is", top_k=5)
     probs = [p for _, p in top]
@@ -26,6 +29,7 @@ def test_predict_probabilities_are_sorted_and_consistent(default_lm):
     assert ku.target_probability(default_lm, "The capital of France is", "Paris") == pytest.approx(probs[0], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_gguf_is_converted_once_then_loaded_from_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     calls = []
@@ -73,8 +77,8 @@ def test_bad_sources_are_rejected(tmp_path):
         ku.load_model("")
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         ku.load_model(str(tmp_path / "missing.gguf"))
-    with pytest.raises(ValueError, match="tokenizer="):
-        ku.load_model(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="Linear is not a transformers PreTrainedModel"):
+        ku.load_model(torch.nn.Linear(2, 2), tokenizer=object())
 
 
 def test_local_folder_and_dtypes(tmp_path, tiny):
@@ -88,3 +92,97 @@ def test_local_folder_and_dtypes(tmp_path, tiny):
     assert len(ku.predict(lm16, "Hello there", top_k=3)) == 3
     masked = ku.load_model(save_tiny("bert", tmp_path / "bert"), device="cpu")
     assert masked.arch.is_masked_lm
+
+
+def test_models_without_a_language_model_head_are_refused(tmp_path):
+    import transformers as T
+    from tiny_models import bert_tokenizer
+
+    tok = bert_tokenizer()
+    cfg = T.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64)
+    for cls in (T.BertModel, T.BertForSequenceClassification):
+        model = cls(cfg)
+        with pytest.raises(ValueError, match=f"{cls.__name__} has no language-model head"):
+            ku.load_model(model, tokenizer=tok, device="cpu")
+        # saved to a folder: before, loaded as a causal LM with a fresh random head (or crashed)
+        folder = tmp_path / cls.__name__
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        with pytest.raises(ValueError, match=f"{cls.__name__}, which has no language-model head"):
+            ku.load_model(str(folder), device="cpu")
+
+
+def test_a_missing_folder_is_not_reported_as_a_hub_failure(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for source in (str(tmp_path / "nowhere"), tmp_path / "nowhere", "./nowhere", "~/no/such/kn_folder",
+                   "models/gpt2"):
+        with pytest.raises(FileNotFoundError, match="model folder not found"):
+            ku.load_model(source, device="cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(OSError, match=f"{empty}.*config.json is missing"):
+        ku.load_model(str(empty), device="cpu")
+
+
+@pytest.mark.parametrize("dtype", ["float17", "int8", torch.int64, 3])
+def test_bad_dtype_is_one_clear_error(tmp_path, tiny, dtype):
+    from tiny_models import save_tiny
+
+    folder = save_tiny("gpt2", tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=f"dtype {re.escape(repr(dtype))} is not a floating-point"):
+        ku.load_model(folder, device="cpu", dtype=dtype)
+    with pytest.raises(ValueError, match="not a floating-point"):
+        ku.load_model(tiny("gpt2").model, tokenizer=tiny("gpt2").tokenizer, dtype=dtype)
+
+
+def test_dtype_auto_keeps_the_checkpoint_dtype(tmp_path):
+    from tiny_models import tiny_model
+
+    model, tok = tiny_model("llama")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tok.save_pretrained(tmp_path / "bf16")
+    assert ku.load_model(str(tmp_path / "bf16"), device="cpu", dtype="auto").dtype == torch.bfloat16
+    assert ku.load_model(str(tmp_path / "bf16"), device="cpu").dtype == torch.float32
+
+
+@pytest.mark.parametrize("device_map, extra", [("cpu", {}), ("auto", {"max_memory": {"cpu": "2GiB"}})])
+def test_device_map_passes_through_and_nothing_moves_the_model_afterwards(tmp_path, monkeypatch,
+                                                                           device_map, extra):
+    from tiny_models import save_tiny
+
+    folder = save_tiny("llama", tmp_path / "llama")
+    reference = ku.load_model(folder, device="cpu")
+    seen = {}
+    real_from_pretrained = models._from_pretrained
+
+    def spy(source, dtype, hf_kwargs):
+        seen["kwargs"] = dict(hf_kwargs)
+        model, tok = real_from_pretrained(source, dtype, hf_kwargs)
+        # from here on, load_model must not move the model (.to would undo accelerate's placement)
+        monkeypatch.setattr(type(model), "to", lambda self, *a, **k: pytest.fail(f"moved: .to{a}{k}"))
+        return model, tok
+
+    monkeypatch.setattr(models, "_from_pretrained", spy)
+    lm = ku.load_model(folder, device_map=device_map, **extra)
+    assert seen["kwargs"] == {"device_map": device_map, **extra}
+    assert lm.device.type == "cpu"
+    prompt = "The capital of France is"
+    ids = reference.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids).logits, reference.model(ids).logits, atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        ku.load_model(folder, device="cpu", device_map=device_map)
+    with pytest.raises(ValueError, match="device_map"):
+        ku.load_model(reference.model, tokenizer=reference.tokenizer, device_map=device_map)
+
+
+def test_max_memory_reaches_accelerate(tmp_path):
+    from tiny_models import save_tiny
+
+    folder = save_tiny("llama", tmp_path / "llama")
+    # 10 KiB of CPU memory: accelerate offloads every weight to disk (meta tensors here), which it
+    # only does when it received max_memory; a later .to(device) would have failed on them
+    lm = ku.load_model(folder, device_map="auto", max_memory={"cpu": "10KiB"})
+    assert {p.device.type for p in lm.model.parameters()} == {"meta"}

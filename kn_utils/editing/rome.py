@@ -26,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .. import targets as tg
 from ..hooks import grad_ready, modify
-from ..models import cache_dir
+from ..models import cache_dir, pid_alive
 from .base import WeightEdit
 
 KL_PROMPT = "{} is a"
@@ -169,21 +171,30 @@ class ROMEHyperParams:
 # --------------------------------------------------------------------------------------------------
 # model identity for caches
 # --------------------------------------------------------------------------------------------------
-def model_key(lm) -> str:
-    """A file-name-safe key: the model's name plus a fingerprint of its config and weights.
+# Config entries that say where or with what a model was loaded, not what it computes.
+_CONFIG_NOT_IDENTITY = ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash")
 
-    Random test models all share a name, so the name alone would let one reuse another's cache.
+
+def model_key(lm) -> str:
+    """A file-name-safe key: the family, and a fingerprint of the config and of a sample of the
+    weights (several tensors, strided through each).
+
+    Not the name or folder: the same weights loaded from two places (a moved cache, a copy) share
+    their statistics, and random test models, which share a name, do not.
     """
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(lm.name))[-60:] or "model"
-    h = hashlib.sha1(str(lm.name).encode())
+    h = hashlib.sha1(str(lm.dtype).encode())
     config = getattr(lm.model, "config", None)
     if config is not None:
-        h.update(config.to_json_string(use_diff=False).encode())
-    for param in list(lm.model.parameters())[:3]:
-        sample = param.detach().reshape(-1)[:256].float().cpu()
+        entries = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_NOT_IDENTITY}
+        h.update(json.dumps(entries, sort_keys=True, default=str).encode())
+    params = list(lm.model.parameters())
+    for i in sorted({0, 1, 2, len(params) // 2, len(params) - 1} & set(range(len(params)))):
+        flat = params[i].detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu()
         h.update(sample.numpy().tobytes())
-        h.update(str(tuple(param.shape)).encode())
-    return f"{name}-{h.hexdigest()[:10]}"
+        h.update(str(tuple(params[i].shape)).encode())
+    family = re.sub(r"[^A-Za-z0-9._-]+", "_", str(lm.arch.family))[:30] or "model"
+    return f"{family}-{lm.arch.n_layers}L-{h.hexdigest()[:12]}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,33 +232,63 @@ def stats_path(lm, layer: int, corpus: str, n_tokens: int) -> Path:
 _STATS_IN_MEMORY: dict[tuple[str, int], torch.Tensor] = {}
 
 
+def _read_stats(path: Path, n: int) -> torch.Tensor | None:
+    """The cached E[kkᵀ] at ``path``, or None (with a warning naming the file) when it is truncated,
+    garbage, of the wrong shape or not finite: the caller then recomputes and rewrites it."""
+    try:
+        mom2 = torch.load(path, map_location="cpu", weights_only=True)["mom2"]
+    except Exception as err:   # truncated zip, garbage pickle, a dict without "mom2" ...
+        problem = f"unreadable: {type(err).__name__}"
+    else:
+        if not isinstance(mom2, torch.Tensor) or not mom2.is_floating_point():
+            problem = "no floating-point 'mom2' tensor"
+        elif tuple(mom2.shape) != (n, n):
+            problem = f"shape {tuple(mom2.shape)}, the layer has {n} neurons"
+        elif not bool(torch.isfinite(mom2).all()):
+            problem = "holds NaN or inf"
+        else:
+            return mom2.float()
+    warnings.warn(f"kn_utils: covariance statistics {path} are damaged ({problem}); recomputing them",
+                  stacklevel=3)
+    return None
+
+
 def layer_stats(lm, layer: int, corpus: str = "auto", n_tokens: int = 100_000, *, data_dir=None,
                 max_length: int = 256, batch_tokens: int = 4096, progress: bool = True,
                 recompute: bool = False) -> torch.Tensor:
     """Uncentred second moment E[k kᵀ] [n_neurons, n_neurons] (float32, CPU) of the neuron-site
     activations of ``layer`` over the first ``n_tokens`` tokens of ``corpus``.
 
-    Cached under ``cache_dir()/stats/<model>/layer<l>_<corpus>_<n>.pt``; a second call reads it.
-    Paragraphs are tokenised one by one (truncated to ``max_length``), in file order.
+    Cached under ``cache_dir()/stats/<model>/layer<l>_<corpus>_<n>.pt`` (``<model>``: a fingerprint
+    of config and weights, :func:`model_key`); a second call reads it, a damaged file is recomputed.
+    Paragraphs are tokenised one by one (truncated to ``max_length`` or the model's context, whichever
+    is shorter), in file order.
     """
     from ..data.text import load_texts, resolve_corpus
 
     lm.arch.check_layer(layer)
     if not isinstance(n_tokens, int) or n_tokens < 1:
         raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+    if lm.arch.max_positions is not None:
+        max_length = min(max_length, lm.arch.max_positions)
     corpus = resolve_corpus(corpus, data_dir)
     path = stats_path(lm, layer, corpus, n_tokens)
+    n = lm.arch.n_neurons
     if path.exists() and not recompute:
         # every edit of an evaluation run asks again: read the file once (its mtime marks a rewrite)
         key = (str(path), path.stat().st_mtime_ns)
         if key not in _STATS_IN_MEMORY:
-            _STATS_IN_MEMORY[key] = torch.load(path, map_location="cpu")["mom2"]
-        return _STATS_IN_MEMORY[key]
+            mom2 = _read_stats(path, n)
+            if mom2 is not None:
+                _STATS_IN_MEMORY[key] = mom2
+        if key in _STATS_IN_MEMORY:
+            return _STATS_IN_MEMORY[key]
 
     texts = load_texts(corpus, data_dir)
     tok = lm.tokenizer
     special = set(getattr(tok, "all_special_ids", []) or [])
-    n = lm.arch.n_neurons
     total = torch.zeros(n, n, dtype=torch.float64, device=lm.device)
     seen = 0
     bar = tqdm(total=n_tokens, desc=f"key statistics, layer {layer}", unit="tok", disable=not progress)
@@ -283,8 +324,15 @@ def layer_stats(lm, layer: int, corpus: str = "auto", n_tokens: int = 100_000, *
         raise ValueError(f"corpus {corpus!r} gave no tokens")
     mom2 = (total / seen).float().cpu()
     STATS_COMPUTED["count"] += 1
+    if not bool(torch.isfinite(mom2).all()):
+        raise ValueError(f"the key statistics of layer {layer} hold NaN or inf: the model's activations "
+                         f"overflow or its weights are not finite (dtype {lm.dtype}); nothing was cached")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    for old in path.parent.glob(f"{path.name}.*.tmp"):   # left by a writer killed mid-write
+        pid = old.name[len(path.name) + 1:-len(".tmp")]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            old.unlink(missing_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")   # one per writer: concurrent runs
     torch.save({"mom2": mom2, "count": seen, "corpus": corpus, "layer": layer, "model": str(lm.name)}, tmp)
     tmp.replace(path)
     return mom2
@@ -310,14 +358,32 @@ def context_templates(lm, length_params=((5, 10), (10, 10)), seed: int = 0) -> l
     if key in _TEMPLATE_CACHE:
         return list(_TEMPLATE_CACHE[key])
     path = cache_dir() / "context_templates" / f"{key[0]}-{hashlib.sha1(repr(key).encode()).hexdigest()[:8]}.json"
-    if path.exists():
-        templates = json.loads(path.read_text())
-    else:
+    templates = _read_templates(path, 1 + sum(count for _, count in params)) if path.exists() else None
+    if templates is None:
         templates = ["{}"] + _generate(lm, params, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(templates, indent=0))
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(templates, indent=0))
+        tmp.replace(path)
     _TEMPLATE_CACHE[key] = templates
     return list(templates)
+
+
+def _read_templates(path: Path, expected: int) -> list[str] | None:
+    """Cached templates, or None (with a warning naming the file) when it is not what was written."""
+    try:
+        templates = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        problem = f"not valid JSON: {type(err).__name__}"
+    else:
+        if not isinstance(templates, list) or len(templates) != expected or templates[:1] != ["{}"] \
+                or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
+            problem = f"not a list of {expected} templates each holding one '{{}}'"
+        else:
+            return templates
+    warnings.warn(f"kn_utils: context templates {path} are damaged ({problem}); generating them again",
+                  stacklevel=3)
+    return None
 
 
 def _generate(lm, params, seed):
@@ -500,6 +566,11 @@ def rank_one_update(k_star: torch.Tensor, v_star: torch.Tensor, out_at_k: torch.
     k = k_star.double()
     u = k.clone() if mom2 is None else _solve_mom2(mom2, k)
     lam = (v_star.double() - out_at_k.double()) / torch.dot(u, k)
+    if not (bool(torch.isfinite(u).all()) and bool(torch.isfinite(lam).all())):
+        # NaN statistics, a singular C or NaN activations: refuse rather than write NaN weights
+        raise ValueError("the ROME update is not finite (NaN/inf in the key statistics C, in k* or in "
+                         "v*); no weight was changed. Recompute the statistics (layer_stats(..., "
+                         "recompute=True)) or check the model's weights")
     return u, lam
 
 
