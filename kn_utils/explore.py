@@ -15,6 +15,9 @@ draws its figure through :mod:`kn_utils.plotting` (shown inline in a notebook, s
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import warnings
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -28,7 +31,7 @@ from .targets import predict, prepare, target_probability
 from .tracing import causal_trace
 
 __all__ = ["top_tokens", "attribution", "knowledge_neurons", "intervention", "trace", "trace_summary",
-           "continuation", "rome_story", "PromptAttribution", "PromptKNs"]
+           "continuation", "rome_story", "rome_hparams", "PromptAttribution", "PromptKNs"]
 
 TRACE_KINDS = ("hidden", "mlp", "attn")
 
@@ -235,13 +238,35 @@ def continuation(lm, prompt: str, tokens: int = 12, *, sample: bool = False, see
     return lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def rome_hparams(lm, data_dir=None):
+    """ROME's settings for ``lm`` (``ROMEHyperParams.for_model``), runnable here.
+
+    ROME's covariance statistics need a text corpus: the data folder's WikiText / Wikipedia sample,
+    else WikiText-103 from the hub through the ``datasets`` package.  With neither (a fresh machine
+    without the data sets), the covariance adjustment is switched off (C = identity, the plain
+    rank-one update) and a warning says so, rather than failing.
+    """
+    from .data.text import resolve_corpus
+    from .editing.rome import ROMEHyperParams
+
+    hp = ROMEHyperParams.for_model(lm)
+    corpus = resolve_corpus(hp.mom2_dataset, data_dir)
+    if hp.mom2_adjustment and corpus.startswith("hub:") and importlib.util.find_spec("datasets") is None:
+        warnings.warn(f"no local text corpus for ROME's covariance statistics (no data folder) and no "
+                      f"`datasets` package to fetch {corpus[4:]!r}: ROME runs without the covariance "
+                      f"adjustment (C = identity); give DATA_DIR a folder with wikitext/ for the paper's "
+                      f"setting", UserWarning, stacklevel=2)
+        hp = dataclasses.replace(hp, mom2_adjustment=False)
+    return hp
+
+
 def rome_story(lm, prompt: str, subject: str, new_answer: str, *, reverse=None, others=(), top_k: int = 3,
                tokens: int = 12, data_dir=None, hparams=None) -> pd.DataFrame:
     """A ROME edit told in three stages: before, after ``prompt`` -> ``new_answer`` and restored.
 
     For the prompt, the ``reverse`` (symmetric) question, e.g. "Rome is the capital of", and ``others``,
     each stage gives the top-``top_k`` next tokens, P(new answer) and the greedy continuation.  The edit
-    is always undone (also on error); the "restored" rows come from the restored weights, and
+    is always undone (also on error); ``hparams`` default to :func:`rome_hparams`; the "restored" rows come from the restored weights, and
     ``df.attrs["restored_exactly"]`` says whether every weight is bit-for-bit the original.
     """
     from .editing.rome import rome_edit
@@ -261,6 +286,7 @@ def rome_story(lm, prompt: str, subject: str, new_answer: str, *, reverse=None, 
                  f"p({new_answer.strip()})": target_probability(lm, p, new_answer),
                  "continuation": continuation(lm, p, tokens)} for role, p in probes]
 
+    hparams = hparams or rome_hparams(lm, data_dir)
     rows = stage("before")
     edit = rome_edit(lm, prompt, subject, new_answer, hparams, data_dir=data_dir)
     try:
