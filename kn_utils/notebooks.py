@@ -5,6 +5,7 @@ convention).  Run by hand it uses those defaults; run here, ``parameters`` overr
 cell papermill injects after it:
 
     python -m kn_utils.notebooks localise_kn.ipynb ct_rome.ipynb               # in place, defaults
+    make notebooks                                                              # the same
     python -m kn_utils.notebooks -p MODEL gemma-3-270m -p N_PROMPTS 20 --out results localise_kn.ipynb
 """
 from __future__ import annotations
@@ -150,6 +151,9 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     args = parser.parse_args(argv)
     params = {name: _value(value) for name, value in args.parameter}
+    if params and not args.out:
+        parser.error("parameters given: pass --out DIR for the executed copies (the notebooks in the "
+                     "repository keep the outputs of their own defaults)")
     for path in args.notebooks:
         out = args.out / path.name if args.out else path
         nb, secs = run_notebook(path, out, parameters=params, timeout=args.timeout)

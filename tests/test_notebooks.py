@@ -88,6 +88,9 @@ def test_parameters_injection_in_place_and_inline_figures(tmp_path):
     assert notebooks.main(["-p", "X", "[1, 2]", "-p", "Y", "some text", "--out", str(tmp_path / "cli"),
                            str(path)]) == 0
     assert "values [1, 2] some text" in _stdout(nbformat.read(tmp_path / "cli" / "t.ipynb", as_version=4))
+    with pytest.raises(SystemExit):  # overrides never overwrite the notebook itself
+        notebooks.main(["-p", "X", "2", str(path)])
+    assert notebooks.parameters(nbformat.read(path, as_version=4)) == {"X": 1, "Y": "a"}
 
 
 def test_run_notebook_bad_input(tmp_path):
