@@ -1,8 +1,11 @@
 """Helpers of the notebook tests: a checkout with no data folder beside it, and figure checks."""
 from __future__ import annotations
 
+import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 from kn_utils.notebooks import image_count, plotting_cells
@@ -19,6 +22,11 @@ def fresh_checkout(tmp_path) -> tuple[Path, dict]:
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for nb in ROOT.glob("*.ipynb"):
         shutil.copy(nb, root / nb.name)
+    env = {k: v for k, v in os.environ.items() if k != "KN_DATA_DIR"}
+    env["PYTHONPATH"] = str(root)
+    where = subprocess.run([sys.executable, "-c", "import kn_utils.data as d; print(d.__file__, d.data_root())"],
+                           env=env, cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    assert where == [str(root / "kn_utils" / "data" / "__init__.py"), "None"], where  # the copy, no data
     return root, {"PYTHONPATH": str(root), "KN_DATA_DIR": None}
 
 
