@@ -14,11 +14,9 @@ MAX_BYTES = 4_000_000
 
 
 # ------------------------------------------------------------------------------ the committed copies
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_stored_notebook(name):
+def check_stored(path) -> bool:
     """Parameters the notebook way, the project's kernel, and outputs (if any) from the defaults with
-    no error, every figure shown, images at a sensible resolution."""
-    path = ROOT / name
+    no error, every figure shown, images at a sensible resolution.  False: stored without outputs."""
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", []), "the first code cell must be tagged parameters"
@@ -30,13 +28,13 @@ def test_stored_notebook(name):
     assert "os.environ" not in source and "KN_MODEL" not in source
     assert nb.metadata["kernelspec"]["name"] == "kn_utils"
     # stored parameters are the defaults: no injected cell, no papermill overrides recorded
-    assert not [c for c in code if "injected-parameters" in c.metadata.get("tags", [])]
-    assert not nb.metadata.get("papermill", {}).get("parameters")
+    assert not [c for c in code if "injected-parameters" in c.metadata.get("tags", [])], "run with overrides"
+    assert not nb.metadata.get("papermill", {}).get("parameters"), "run with overrides"
     assert notebooks.parameters(nb) == defaults
     assert notebooks.error_outputs(nb) == []
-    assert path.stat().st_size < MAX_BYTES, f"{name} is {path.stat().st_size} bytes"
+    assert path.stat().st_size < MAX_BYTES, f"{path.name} is {path.stat().st_size} bytes"
     if not any(c.outputs for c in code):
-        pytest.skip(f"{name} is stored without outputs (run `make notebooks` to store the executed copy)")
+        return False
     assert all(c.execution_count for c in code), "cells never executed"
     assert not [msg for msg in cells_without_figure(nb).values() if msg.startswith("SILENT")]
     for cell in code:
@@ -44,6 +42,29 @@ def test_stored_notebook(name):
             if "image/png" in out.get("data", {}):
                 width, height = png_size(out["data"]["image/png"])
                 assert width <= 2000 and height <= 2000, (width, height)
+    return True
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_stored_notebook(name):
+    if not check_stored(ROOT / name):
+        pytest.skip(f"{name} is stored without outputs (run `make notebooks` to store the executed copy)")
+
+
+def test_stored_check_rejects_overrides_and_errors(tmp_path):
+    from nbformat.v4 import new_output
+
+    nb = nbformat.read(ROOT / NOTEBOOKS[0], as_version=4)
+    injected = new_code_cell('N_PROMPTS = 2', metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(3, injected)
+    nbformat.write(nb, tmp_path / "a.ipynb")
+    with pytest.raises(AssertionError, match="run with overrides"):
+        check_stored(tmp_path / "a.ipynb")
+    nb.cells.remove(injected)
+    nb.cells[-2].outputs = [new_output("error", ename="ValueError", evalue="bad", traceback=[])]
+    nbformat.write(nb, tmp_path / "b.ipynb")
+    with pytest.raises(AssertionError, match="ValueError: bad"):
+        check_stored(tmp_path / "b.ipynb")
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
