@@ -159,7 +159,8 @@ def knowledge_neurons(lm, prompts, target: str, *, steps: int = 20, width: int =
 def intervention(lm, prompts, target: str, neurons, *, others=(), factor: float = 2.0, save=None,
                  folder=None) -> pd.DataFrame:
     """Suppress (set to 0) and enhance (x ``factor``) ``neurons`` at the read position: the mean
-    probability of ``target`` and of each word in ``others`` before, suppressed and enhanced.
+    probability of ``target`` and of each word in ``others`` (its first token, as the next token /
+    mask filler) over ``prompts``, before, suppressed and enhanced.
 
     Draws one bar chart per intervention (relative change, red labels where a t-test over the
     prompts gives p < 0.05; ``save`` gets ``_suppress`` / ``_enhance`` appended).
