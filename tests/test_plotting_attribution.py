@@ -114,3 +114,11 @@ def test_blimp_accuracy_bars(tmp_path):
     assert (tmp_path / "acc.png").exists()
     with pytest.raises(ValueError, match="columns"):
         pa.plot_blimp_accuracy(df.drop(columns="after"))
+
+
+def test_heatmap_labels():
+    scores = torch.zeros(4, 40)
+    scores[3, 30] = 2.0
+    fig = pa.plot_attribution_heatmap(scores, [(3, 30), (1, 5)], width=2, labels=True)
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["L1.N5", "L3.N30"]
+    assert not pa.plot_attribution_heatmap(scores, [(3, 30)], width=2).axes[0].texts

@@ -328,6 +328,9 @@ def test_figures_are_written(peaky, tmp_path):
         assert (tmp_path / f"{name}.png").stat().st_size > 0 and (tmp_path / f"{name}.pdf").exists()
     with pytest.raises(ValueError):
         plot_edit_success_by_layer(sweep.drop(columns="efficacy"))
+    import matplotlib.pyplot as plt
+
+    assert plt.get_fignums() == []  # built without pyplot: nothing left open in a script
 
 
 def test_trace_command(tmp_path):

@@ -79,6 +79,15 @@ class WeightEdit:
     def _apply(self) -> None:
         raise NotImplementedError
 
+    def originals(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, its value before the first live edit of it) for each parameter this live edit
+        changed: what the weights return to once every live edit is restored.  The second tensors
+        are the ledger's own copies; read them, do not change them."""
+        ledger = _ledger(self.lm.model)
+        if not ledger or not self.applied:
+            return []
+        return [ledger["originals"][key] for key in self._params if key in ledger["originals"]]
+
     def restore(self) -> None:
         """Undo this edit (idempotent); the other live edits stay, as if this one never happened."""
         ledger = _ledger(self.lm.model)

@@ -40,12 +40,13 @@ def _as_map(scores) -> np.ndarray:
 
 
 def plot_attribution_heatmap(scores, neurons=None, *, width: int = 10, layers=None, title=None,
-                             save=None, folder=None) -> Figure:
+                             labels: bool = False, save=None, folder=None) -> Figure:
     """Fig 2a: attribution scores of the neurons around the chosen ``neurons`` (boxed), all layers.
 
     ``scores``: one map [n_layers, n_neurons] or a stack of maps (averaged).  ``neurons``: the
     (layer, neuron) pairs to centre on (default: the highest-scoring neuron).  ``width``: neurons
-    shown either side of each chosen one.  ``layers``: rows to show (default: all).
+    shown either side of each chosen one.  ``layers``: rows to show (default: all).  ``labels``:
+    write each chosen neuron's "L<layer>.N<neuron>" beside its box.
     """
     s = _as_map(scores)
     n_layers, n_neurons = s.shape
@@ -81,6 +82,10 @@ def plot_attribution_heatmap(scores, neurons=None, *, width: int = 10, layers=No
         if layer in rows:
             ax.add_patch(Rectangle((cols.index(unit) - 0.5, rows.index(layer) - 0.5), 1, 1,
                                    fill=False, ec="k", lw=1.5))
+            if labels:
+                ax.annotate(neuron_label((layer, unit)), (cols.index(unit) + 0.6, rows.index(layer)),
+                            fontsize=7, va="center", ha="left",
+                            bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
     ax.set_xlabel("neuron")
     ax.set_ylabel("layer")
     ax.set_title(title or "attribution around " + ", ".join(neuron_label(n) for n in neurons), fontsize=9)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from matplotlib.figure import Figure
+
 from . import finish  # defined in the package before this module is imported
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
@@ -16,9 +18,10 @@ CLASS_COLOURS = {"first subject token": "#1f77b4", "middle subject tokens": "#17
                  "further tokens": "#9467bd", "last token": "#ff7f0e"}
 
 
-def _plt():
-    import matplotlib.pyplot as plt  # headless sessions fall back to Agg by themselves
-    return plt
+def _subplots(ncols=1, figsize=None):
+    # pyplot-free, like every figure here (see kn_utils.plotting)
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols, squeeze=False)
 
 
 def _draw_trace(ax, result, model_name=None, colorbar=True):
@@ -47,9 +50,9 @@ def _draw_trace(ax, result, model_name=None, colorbar=True):
 
 def plot_trace(result, *, name=None, folder=None, model_name=None, ax=None):
     """One trace heatmap (tokens x layers); corrupted (subject) tokens are starred."""
-    plt = _plt()
     if ax is None:
-        fig, ax = plt.subplots(figsize=(3.6, 0.25 * len(result.tokens) + 1.4))
+        fig, axes = _subplots(figsize=(3.6, 0.25 * len(result.tokens) + 1.4))
+        ax = axes[0][0]
     else:
         fig = ax.figure
     _draw_trace(ax, result, model_name)
@@ -61,14 +64,13 @@ def plot_trace_panels(results, *, name=None, folder=None, model_name=None, title
 
     ``results``: a dict kind -> TraceResult or a list of TraceResults.
     """
-    plt = _plt()
     if isinstance(results, dict):
         results = [results[k] for k in ("hidden", "mlp", "attn") if k in results]
     results = list(results)
     if not results:
         raise ValueError("no trace results to plot")
     height = 0.25 * len(results[0].tokens) + 1.6
-    fig, axes = plt.subplots(1, len(results), figsize=(3.9 * len(results), height), squeeze=False)
+    fig, axes = _subplots(len(results), figsize=(3.9 * len(results), height))
     for ax, result in zip(axes[0], results):
         _draw_trace(ax, result, model_name)
     if title:
@@ -85,13 +87,12 @@ def plot_aie(aie, *, name=None, folder=None, title=None, classes=None):
     """
     import pandas as pd
 
-    plt = _plt()
     if isinstance(aie, dict):
         aie = pd.concat([df.assign(kind=k) for k, df in aie.items()], ignore_index=True)
     if aie.empty:
         raise ValueError("empty AIE table")
     kinds = list(dict.fromkeys(aie["kind"]))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.2), squeeze=False)
+    fig, axes = _subplots(len(kinds), figsize=(4.2 * len(kinds), 3.2))
     for ax, kind in zip(axes[0], kinds):
         part = aie[aie["kind"] == kind]
         for cls in classes or list(dict.fromkeys(part["token_class"])):
@@ -116,12 +117,12 @@ def plot_aie(aie, *, name=None, folder=None, title=None, classes=None):
 def plot_edit_success_by_layer(df, *, name=None, folder=None, title=None,
                                metrics=("efficacy", "paraphrase")):
     """Edit success of ROME applied at each layer (a layer sweep with columns layer + metrics)."""
-    plt = _plt()
     missing = {"layer", *[m for m in metrics if m in ("efficacy", "paraphrase")]} - set(df.columns)
     if missing:
         raise ValueError(f"layer sweep table lacks columns {sorted(missing)}")
     table = df.groupby("layer")[[m for m in metrics if m in df.columns]].mean().sort_index()
-    fig, ax = plt.subplots(figsize=(4.5, 3.0))
+    fig, axes = _subplots(figsize=(4.5, 3.0))
+    ax = axes[0][0]
     for metric in table.columns:
         ax.plot(table.index, table[metric], marker="o", markersize=3, label=metric)
     ax.set_xlabel("edited layer")

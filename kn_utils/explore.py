@@ -1,0 +1,304 @@
+"""One call per step of the notebooks' "Your prompt" sections: type a prompt, see what the model does.
+
+Each function validates its input, returns a table (pandas DataFrame) or a small result object, and
+draws its figure through :mod:`kn_utils.plotting` (shown inline in a notebook, saved when given
+``save=``).  The notebooks stay thin: every step there is one of these calls.
+
+    import kn_utils as ku
+    from kn_utils import explore
+    explore.top_tokens(lm, "The capital of France is")
+    att = explore.attribution(lm, "The capital of France is", "Paris")
+    kns = explore.knowledge_neurons(lm, ["The capital of France is", "France's capital is"], "Paris")
+    explore.intervention(lm, kns.prompts, "Paris", kns.neurons, others=["London", "Rome"])
+    explore.trace(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower")
+    explore.rome_story(lm, "The capital of Canada is", "Canada", "Rome", reverse="Rome is the capital of")
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import warnings
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from .attribution import attribution_maps, find_knowledge_neurons
+from .editing.kn import intervention_summary, measure_intervention
+from .plotting import attribution as plots
+from .plotting import plot_probability_change, plot_trace_panels
+from .targets import predict, prepare, target_probability
+from .tracing import causal_trace
+
+__all__ = ["top_tokens", "attribution", "knowledge_neurons", "intervention", "trace", "trace_summary",
+           "continuation", "rome_story", "rome_hparams", "PromptAttribution", "PromptKNs"]
+
+TRACE_KINDS = ("hidden", "mlp", "attn")
+
+
+def _prompt(prompt, what="prompt") -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{what} must be a non-empty string, got {prompt!r}")
+    return prompt
+
+
+def _prompts(prompts, what="prompts") -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts) if prompts is not None else []
+    if not prompts:
+        raise ValueError(f"{what}: give at least one prompt")
+    return [_prompt(p, f"each of {what}") for p in prompts]
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def top_tokens(lm, prompt: str, k: int = 10) -> pd.DataFrame:
+    """The ``k`` likeliest next tokens (masked LM: mask fillers): columns rank, token, probability."""
+    _prompt(prompt)
+    _positive_int("k", k)
+    rows = predict(lm, prompt, top_k=min(k, len(lm.tokenizer)))
+    return pd.DataFrame([(i + 1, t, p) for i, (t, p) in enumerate(rows)],
+                        columns=["rank", "token", "probability"]).set_index("rank")
+
+
+def _neuron_table(scores: torch.Tensor, top: int) -> pd.DataFrame:
+    flat = scores.flatten()
+    values, index = flat.topk(min(top, flat.numel()))
+    n = scores.shape[1]
+    return pd.DataFrame({"layer": (index // n).tolist(), "neuron": (index % n).tolist(),
+                         "label": [plots.neuron_label((int(i) // n, int(i) % n)) for i in index],
+                         "score": values.tolist()})
+
+
+@dataclass
+class PromptAttribution:
+    """:func:`attribution`'s result: the map, its top neurons (a table) and the heatmap."""
+
+    prompt: str
+    target: str
+    probability: float
+    scores: torch.Tensor        # [n_layers, n_neurons]
+    top: pd.DataFrame           # layer, neuron, label, score; best first
+    figure: object = field(repr=False, default=None)
+
+    @property
+    def neurons(self) -> list[tuple[int, int]]:
+        return list(zip(self.top.layer.astype(int), self.top.neuron.astype(int)))
+
+
+def attribution(lm, prompt: str, target: str, *, steps: int = 20, top: int = 5, width: int = 4,
+                save=None, folder=None) -> PromptAttribution:
+    """Integrated-gradient attribution of every neuron to P(``target`` | ``prompt``).
+
+    Draws the heatmap (all layers x the neurons around the ``top`` highest-scoring ones, boxed and
+    labelled "L<layer>.N<neuron>") and returns the map and the top-neuron table.
+    """
+    _prompt(prompt)
+    _prompt(target, "target")
+    _positive_int("steps", steps)
+    _positive_int("top", top)
+    prepare(lm, prompt, target)  # one clear error for a target that tokenises to nothing
+    scores = attribution_maps(lm, [prompt], [target], steps=steps, progress=False)[0]
+    table = _neuron_table(scores, top)
+    fig = plots.plot_attribution_heatmap(
+        scores, list(zip(table.layer, table.neuron)), width=width, labels=True,
+        title=f"attribution to {target.strip()!r} after {prompt!r}", save=save, folder=folder)
+    return PromptAttribution(prompt, target, target_probability(lm, prompt, target), scores, table, fig)
+
+
+@dataclass
+class PromptKNs:
+    """:func:`knowledge_neurons`'s result: the KN search over your paraphrases, and a table of the
+    knowledge neurons (how many prompts had each as a coarse neuron, its mean attribution)."""
+
+    prompts: list[str]
+    target: str
+    result: object              # kn_utils.attribution.KNResult
+    table: pd.DataFrame
+    figure: object = field(repr=False, default=None)
+
+    @property
+    def neurons(self) -> list[tuple[int, int]]:
+        return list(self.result.neurons)
+
+
+def knowledge_neurons(lm, prompts, target: str, *, steps: int = 20, width: int = 4, save=None,
+                      folder=None, **kn_kwargs) -> PromptKNs:
+    """Dai et al.'s knowledge neurons of a few paraphrases of one fact (or one pattern).
+
+    ``prompts``: two or more prompts that all continue with ``target``.  ``kn_kwargs`` go to
+    :func:`kn_utils.find_knowledge_neurons` (threshold, tau, ...).  Draws the mean attribution map
+    around the KNs (or around its maximum when there are none).
+    """
+    prompts = _prompts(prompts)
+    if len(prompts) < 2:
+        raise ValueError(f"knowledge neurons need at least 2 paraphrases, got {len(prompts)}: {prompts!r}")
+    _prompt(target, "target")
+    _positive_int("steps", steps)
+    maps = attribution_maps(lm, prompts, [target] * len(prompts), steps=steps, progress=False)
+    res = find_knowledge_neurons(lm, prompts, target, maps=maps, progress=False, **kn_kwargs)
+    mean = maps.mean(0)
+    table = pd.DataFrame({
+        "layer": [n[0] for n in res.neurons], "neuron": [n[1] for n in res.neurons],
+        "label": [plots.neuron_label(n) for n in res.neurons],
+        "coarse in prompts": [res.counts.get(tuple(n), 0) for n in res.neurons],
+        "mean score": [float(mean[n]) for n in res.neurons]})
+    table.attrs.update(tau=res.tau, r2=res.r2, message=res.message)
+    fig = plots.plot_attribution_heatmap(
+        maps, res.neurons or None, width=width, labels=True, save=save, folder=folder,
+        title=f"mean attribution over {len(prompts)} prompts; KNs at tau={res.tau:.2f}: "
+              + (", ".join(plots.neuron_label(n) for n in res.neurons) or "none"))
+    return PromptKNs(prompts, target, res, table, fig)
+
+
+def intervention(lm, prompts, target: str, neurons, *, others=(), factor: float = 2.0, save=None,
+                 folder=None) -> pd.DataFrame:
+    """Suppress (set to 0) and enhance (x ``factor``) ``neurons`` at the read position: the mean
+    probability of ``target`` and of each word in ``others`` (its first token, as the next token /
+    mask filler) over ``prompts``, before, suppressed and enhanced.
+
+    Draws one bar chart per intervention (relative change, red labels where a t-test over the
+    prompts gives p < 0.05; ``save`` gets ``_suppress`` / ``_enhance`` appended).
+    Returns one row per word: word, role, p before, p suppressed, p enhanced, and the two relative
+    changes (p_post - p_pre) / min(p_post, p_pre).
+    """
+    prompts = _prompts(prompts)
+    _prompt(target, "target")
+    if isinstance(others, str):
+        others = [others]
+    words = list(dict.fromkeys([target, *others]))
+    for w in words:
+        _prompt(w, "each of others")
+    neurons = [(int(a), int(b)) for a, b in neurons]
+    if not neurons:
+        raise ValueError("no neurons to intervene on: pass a non-empty list of (layer, neuron) pairs")
+    summaries = {}
+    for mode in ("suppress", "enhance"):
+        summaries[mode] = intervention_summary(
+            measure_intervention(lm, prompts, words, neurons, mode=mode, factor=factor))
+        plot_probability_change(
+            summaries[mode], {"target": [target], "other words": list(others)},
+            title=f"{mode} {', '.join(plots.neuron_label(n) for n in neurons)}"
+                  + (f" (x{factor:g})" if mode == "enhance" else " (set to 0)"),
+            save=f"{save}_{mode}" if save else None, folder=folder)
+    sup, enh = (summaries[m].set_index("token") for m in ("suppress", "enhance"))
+    return pd.DataFrame({
+        "word": words, "role": ["target" if w == target else "other" for w in words],
+        "p before": [sup.loc[w, "pre_mean"] for w in words],
+        "p suppressed": [sup.loc[w, "post_mean"] for w in words],
+        "p enhanced": [enh.loc[w, "post_mean"] for w in words],
+        "change suppressed": [sup.loc[w, "rel_change"] for w in words],
+        "change enhanced": [enh.loc[w, "rel_change"] for w in words]})
+
+
+def trace_summary(traces) -> pd.DataFrame:
+    """One row per trace: answer, clean and corrupted probability, and where restoring helps most."""
+    rows = []
+    for kind, tr in (traces.items() if isinstance(traces, dict) else ((t.kind, t) for t in traces)):
+        t, layer = divmod(int(tr.scores.argmax()), tr.scores.shape[1])
+        rows.append({"kind": kind, "answer": tr.answer, "clean p": tr.high_score, "corrupted p": tr.low_score,
+                     "peak p": float(tr.scores[t, layer]), "peak token": f"{t} {tr.tokens[t]!r}",
+                     "peak layer": layer})
+    return pd.DataFrame(rows).set_index("kind")
+
+
+def trace(lm, prompt: str, subject: str, *, samples: int = 10, noise="s3", target=None, window: int = 10,
+          kinds=TRACE_KINDS, save=None, folder=None, progress: bool = False) -> dict:
+    """Causal traces of ``prompt`` with ``subject`` corrupted: hidden state, MLP and attention panels
+    (Fig 7), drawn side by side.  Returns {kind: TraceResult}; :func:`trace_summary` tabulates it."""
+    _prompt(prompt)
+    _prompt(subject, "subject")
+    if subject not in prompt:
+        raise ValueError(f"subject {subject!r} is not in the prompt {prompt!r}")
+    _positive_int("samples", samples)
+    kinds = list(kinds)
+    if not kinds or set(kinds) - set(TRACE_KINDS):
+        raise ValueError(f"kinds must be a non-empty subset of {TRACE_KINDS}, got {kinds!r}")
+    traces = {k: causal_trace(lm, prompt, subject, kind=k, samples=samples, noise=noise, target=target,
+                              window=window, progress=progress) for k in kinds}
+    plot_trace_panels(traces, name=save, folder=folder, model_name=lm.name)
+    return traces
+
+
+def continuation(lm, prompt: str, tokens: int = 12, *, sample: bool = False, seed: int = 0) -> str:
+    """The model's continuation of ``prompt``: greedy, or sampled (top-5, seeded) with ``sample``."""
+    _prompt(prompt)
+    _positive_int("tokens", tokens)
+    if lm.arch.is_masked_lm:
+        raise ValueError(f"{lm.name} is a masked LM: it fills masks (top_tokens) but does not continue text")
+    ids = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = lm.model.generate(**ids, max_new_tokens=tokens, do_sample=sample, top_k=5 if sample else None,
+                                pad_token_id=lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id)
+    return lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def rome_hparams(lm, data_dir=None):
+    """ROME's settings for ``lm`` (``ROMEHyperParams.for_model``), runnable here.
+
+    ROME's covariance statistics need a text corpus: the data folder's WikiText / Wikipedia sample,
+    else WikiText-103 from the hub through the ``datasets`` package.  With neither (a fresh machine
+    without the data sets), the covariance adjustment is switched off (C = identity, the plain
+    rank-one update) and a warning says so, rather than failing.
+    """
+    from .data.text import resolve_corpus
+    from .editing.rome import ROMEHyperParams
+
+    hp = ROMEHyperParams.for_model(lm)
+    corpus = resolve_corpus(hp.mom2_dataset, data_dir)
+    if hp.mom2_adjustment and corpus.startswith("hub:") and importlib.util.find_spec("datasets") is None:
+        warnings.warn(f"no local text corpus for ROME's covariance statistics (no data folder) and no "
+                      f"`datasets` package to fetch {corpus[4:]!r}: ROME runs without the covariance "
+                      f"adjustment (C = identity); give DATA_DIR a folder with wikitext/ for the paper's "
+                      f"setting", UserWarning, stacklevel=2)
+        hp = dataclasses.replace(hp, mom2_adjustment=False)
+    return hp
+
+
+def rome_story(lm, prompt: str, subject: str, new_answer: str, *, reverse=None, others=(), top_k: int = 3,
+               tokens: int = 12, data_dir=None, hparams=None) -> pd.DataFrame:
+    """A ROME edit told in three stages: before, after ``prompt`` -> ``new_answer`` and restored.
+
+    For the prompt, the ``reverse`` (symmetric) question, e.g. "Rome is the capital of", and ``others``,
+    each stage gives the top-``top_k`` next tokens, P(new answer) and the greedy continuation.  The edit
+    is always undone (also on error); ``hparams`` default to :func:`rome_hparams`; the "restored" rows come from the restored weights, and
+    ``df.attrs["restored_exactly"]`` says whether every weight is bit-for-bit the original.
+    """
+    from .editing.rome import rome_edit
+
+    for name, text in (("prompt", prompt), ("subject", subject), ("new_answer", new_answer)):
+        _prompt(text, name)
+    if subject not in prompt:
+        raise ValueError(f"subject {subject!r} is not in the prompt {prompt!r}")
+    probes = [("edited prompt", prompt)]
+    if reverse:
+        probes.append(("reverse question", _prompt(reverse, "reverse")))
+    probes += [("other", _prompt(p, "each of others")) for p in ([others] if isinstance(others, str) else others)]
+
+    def stage(name):
+        return [{"stage": name, "probe": role, "prompt": p,
+                 "top": ", ".join(f"{t!r} {q:.2f}" for t, q in predict(lm, p, top_k)),
+                 f"p({new_answer.strip()})": target_probability(lm, p, new_answer),
+                 "continuation": continuation(lm, p, tokens)} for role, p in probes]
+
+    hparams = hparams or rome_hparams(lm, data_dir)
+    rows = stage("before")
+    edit = rome_edit(lm, prompt, subject, new_answer, hparams, data_dir=data_dir)
+    try:
+        # the edit's copies of what it changed (not a copy of the whole model)
+        originals = edit.originals()
+        rows += stage("after edit")
+    finally:
+        edit.restore()
+    rows += stage("restored")
+    df = pd.DataFrame(rows)
+    df.attrs["restored_exactly"] = bool(originals) and all(torch.equal(p, o) for p, o in originals)
+    df.attrs["edit"] = getattr(edit, "description", "")
+    df.attrs["delta_norm"] = getattr(edit, "delta_norm", float("nan"))
+    return df
