@@ -89,7 +89,7 @@ def modify(lm, site: str, fns: dict[int, Callable[[torch.Tensor], torch.Tensor |
     try:
         for layer, fn in fns.items():
             module, pre = lm.arch.module(site, layer)
-            if site in ("neurons", "mlp", "pre_act"):
+            if site in ("neurons", "mlp", "mlp_proj", "pre_act"):
                 fn = _unflatten(hooks, lm.arch.blocks[layer], fn)
             hooks.add(module, _wrap(fn, pre), pre=pre)
         yield

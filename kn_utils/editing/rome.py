@@ -423,13 +423,14 @@ def compute_v(lm, hp: ROMEHyperParams, templates, prompt: str, subject: str, tar
 
     loss_hidden = {}
     project = _logits_fn(lm, hp.v_loss_layer)
-    fns = {"mlp": {layer: edit_output}}
+    # the output of the projection whose weights the edit changes (before Gemma's post-MLP norm)
+    fns = {"mlp_proj": {layer: edit_output}}
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     kl_init = None
     info = {"steps": 0, "nll": [], "p_target": []}
     bar = tqdm(range(hp.v_num_grad_steps), desc="ROME v*", disable=not progress, leave=False)
     for step in bar:
-        with modify(lm, "mlp", fns["mlp"]):
+        with modify(lm, "mlp_proj", fns["mlp_proj"]):
             if project is not None:
                 with modify(lm, "hidden", {hp.v_loss_layer: lambda v: loss_hidden.__setitem__("h", v)}):
                     out = lm.model(input_ids=ids, attention_mask=mask)
