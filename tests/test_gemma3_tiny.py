@@ -171,3 +171,32 @@ def test_rome_edits_the_projection_before_the_post_norm(gemma, tmp_path, monkeyp
     for n, p in lm.model.named_parameters():
         assert torch.equal(p, snap[n]), n
     assert hook_count(lm.model) == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3", "bert", "gpt2"])
+def test_logits_read_only_where_needed_equal_full_logits(tiny, family):
+    """read_logits projects only the read (row, position) pairs onto the vocabulary (Gemma: 262k x
+    640); the values equal the full logits there, softcapping (Gemma 2) included, and gradients
+    flow through them."""
+    from kn_utils.hooks import read_logits
+    from kn_utils.targets import pad_batch
+
+    lm = tiny(family)
+    text = ["The capital of France is [MASK] .", "Paris is [MASK] big city"] if lm.arch.is_masked_lm \
+        else ["The capital of France is", "Paris is a big city"]
+    ids, mask = pad_batch(lm, [ku.targets.prompt_ids(lm, t) for t in text])
+    rows, pos = [0, 1, 1, 0], [1, 0, 3, 2]
+    with torch.no_grad():
+        full = lm.model(input_ids=ids, attention_mask=mask).logits
+        got = read_logits(lm, rows, pos, input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(got, full[rows, pos], atol=1e-5, rtol=1e-5)
+    assert hook_count(lm.model) == 0
+    # the projection really saw only the pairs
+    seen = []
+    handle = lm.arch.unembed.register_forward_hook(lambda m, a, out: seen.append(a[0].shape))
+    try:
+        with torch.no_grad():
+            read_logits(lm, rows, pos, input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    assert seen == [torch.Size([1, 4, lm.arch.unembed.in_features])]

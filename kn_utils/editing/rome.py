@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import targets as tg
-from ..hooks import grad_ready, modify
+from ..hooks import grad_ready, modify, read_logits
 from ..models import cache_dir
 from .base import WeightEdit
 
@@ -425,6 +425,10 @@ def compute_v(lm, hp: ROMEHyperParams, templates, prompt: str, subject: str, tar
     project = _logits_fn(lm, hp.v_loss_layer)
     # the output of the projection whose weights the edit changes (before Gemma's post-MLP norm)
     fns = {"mlp_proj": {layer: edit_output}}
+    # the logits are read at the target positions, then at the KL rows' subject ends: only there
+    read_rows = torch.cat([r_idx, torch.arange(n_rew, len(rows), device=dev)])
+    read_pos = torch.cat([p_idx, sub[n_rew:]])
+    n_scored = len(r_idx)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     kl_init = None
     info = {"steps": 0, "nll": [], "p_target": []}
@@ -433,17 +437,16 @@ def compute_v(lm, hp: ROMEHyperParams, templates, prompt: str, subject: str, tar
         with modify(lm, "mlp_proj", fns["mlp_proj"]):
             if project is not None:
                 with modify(lm, "hidden", {hp.v_loss_layer: lambda v: loss_hidden.__setitem__("h", v)}):
-                    out = lm.model(input_ids=ids, attention_mask=mask)
-                logits = project(loss_hidden.pop("h"))
+                    lm.model(input_ids=ids, attention_mask=mask)
+                logits = project(loss_hidden.pop("h")[read_rows, read_pos])
             else:
-                logits = lm.model(input_ids=ids, attention_mask=mask).logits
-        # only the scored positions need a softmax over the vocabulary
-        scored = logits[r_idx, p_idx].float().log_softmax(-1)
+                logits = read_logits(lm, read_rows, read_pos, input_ids=ids, attention_mask=mask)
+        scored = logits[:n_scored].float().log_softmax(-1)
         token_logp = scored[torch.arange(len(t_idx), device=dev), t_idx]
         nll = -token_logp.sum() / len(t_idx)  # mean over templates of the per-target NLL / n_tok
         loss = nll
         if kl_rows:
-            kl_at = logits[torch.arange(n_rew, len(rows), device=dev), sub[n_rew:]]
+            kl_at = logits[n_scored:]
             kl_logp = kl_at.float().log_softmax(-1)
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
