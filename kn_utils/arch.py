@@ -13,10 +13,18 @@ Sites (what a hook can read or write), all per layer:
 
 * ``"neurons"``  the *input* of the MLP output projection, [batch, pos, n_neurons]. This is the
   knowledge-neuron site (after the nonlinearity; for gated MLPs act(gate) * up).
-* ``"mlp"``      the output of the MLP output projection (the MLP's contribution to the residual).
-* ``"attn"``     the output of the attention output projection.
+* ``"mlp"``      the MLP's contribution to the residual stream: what the block adds to it.  For most
+  families the output of the MLP output projection; for families with a norm *after* the MLP
+  (Gemma 2/3: ``post_feedforward_layernorm``) the output of that norm.
+* ``"attn"``     the attention's contribution to the residual stream: the attention output projection,
+  or the norm after it where there is one (Gemma 2/3: ``post_attention_layernorm``, which in those
+  families is applied to the attention output; in LLaMA the same name is the *pre*-MLP norm).
+  So for every causal family, hidden[l] = hidden[l-1] + attn[l] + mlp[l] (tests/test_arch.py).
+* ``"mlp_proj"`` the output of the MLP output projection itself, before any post-norm: the value whose
+  weights ROME edits (equal to ``"mlp"`` except in post-norm families).
 * ``"hidden"``   the block output (residual stream after the block).
-* ``"embed"``    the input-embedding output (layer index ignored; one site).
+* ``"embed"``    the input-embedding output (layer index ignored; one site), including any scaling
+  the embedding module does (Gemma multiplies by sqrt(d_model) inside its embedding module).
 * ``"pre_act"``  compatibility site of the paper's original code: the output of the MLP *input*
   projection before the nonlinearity (``c_fc`` / ``gate_proj``). Only for comparison with that code.
 """
@@ -29,7 +37,7 @@ from torch import nn
 
 from .checks import as_index
 
-SITES = ("neurons", "mlp", "attn", "hidden", "embed", "pre_act")
+SITES = ("neurons", "mlp", "attn", "hidden", "embed", "pre_act", "mlp_proj")
 
 # Relative names inside one block, most specific first.  Checked in order; first hit wins.
 _MLP_OUT_NAMES = (
@@ -53,6 +61,13 @@ _ATTN_OUT_NAMES = (
     "self_attn.out_proj",    # OPT
     "self_attn.dense",       # Phi-1/2
     "attention.output.dense",  # BERT, RoBERTa
+)
+# Post-norm blocks normalise each sublayer's output before the residual add.  Recognised by the
+# norm after the MLP (whose name no pre-norm family uses); then the norm after attention is
+# ``post_attention_layernorm`` -- a name LLaMA-style blocks use for their *pre*-MLP norm, so it
+# only counts together with the marker.   (marker = norm after MLP, norm after attention)
+_POST_NORM_NAMES = (
+    ("post_feedforward_layernorm", "post_attention_layernorm"),   # Gemma 2, Gemma 3, OLMo 2
 )
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "decoder.final_layer_norm", "final_layernorm")
 
@@ -149,6 +164,9 @@ class Architecture:
     d_model: int
     names: dict[str, list[str]] = field(default_factory=dict, repr=False)
     max_positions: int | None = None  # longest input (tokens) the model accepts; None: no limit
+    # What each block adds to the residual stream ("mlp" / "attn" sites); empty: the projections.
+    mlp_add: list[nn.Module] = field(default_factory=list, repr=False)
+    attn_add: list[nn.Module] = field(default_factory=list, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -164,9 +182,11 @@ class Architecture:
         if site == "neurons":
             return self.mlp_out[layer], True
         if site == "mlp":
+            return (self.mlp_add or self.mlp_out)[layer], False
+        if site == "mlp_proj":
             return self.mlp_out[layer], False
         if site == "attn":
-            return self.attn_out[layer], False
+            return (self.attn_add or self.attn_out)[layer], False
         if site == "hidden":
             return self.blocks[layer], False
         module = self.mlp_in[layer]
@@ -245,6 +265,7 @@ def describe(model: nn.Module) -> Architecture:
         raise UnsupportedArchitecture(f"{type(model).__name__} has no .config: not a transformers model")
     blocks_name, blocks = _find_blocks(model)
     mlp_out, mlp_in, attn_out, names = [], [], [], {"mlp_out": [], "attn_out": []}
+    mlp_add, attn_add = [], []
     for i, block in enumerate(blocks):
         rel, module = _first(block, _MLP_OUT_NAMES)
         if module is None:
@@ -262,6 +283,16 @@ def describe(model: nn.Module) -> Architecture:
         attn_out.append(amodule)
         names["mlp_out"].append(f"{blocks_name}.{i}.{rel}")
         names["attn_out"].append(f"{blocks_name}.{i}.{arel}")
+        for after_mlp, after_attn in _POST_NORM_NAMES:
+            if _get(block, after_mlp) is not None and _get(block, after_attn) is not None:
+                mlp_add.append(_get(block, after_mlp))
+                attn_add.append(_get(block, after_attn))
+                names.setdefault("mlp_add", []).append(f"{blocks_name}.{i}.{after_mlp}")
+                names.setdefault("attn_add", []).append(f"{blocks_name}.{i}.{after_attn}")
+                break
+    if len(mlp_add) not in (0, len(blocks)):
+        raise UnsupportedArchitecture(
+            f"{type(model).__name__}: only {len(mlp_add)} of {len(blocks)} blocks have post-norms")
 
     shapes = _in_out_features(mlp_out[0])
     if shapes is None:
@@ -279,4 +310,5 @@ def describe(model: nn.Module) -> Architecture:
         family=family, blocks=list(blocks), mlp_out=mlp_out, mlp_in=mlp_in, attn_out=attn_out,
         embed=model.get_input_embeddings(), final_norm=final_norm,
         unembed=model.get_output_embeddings(), is_masked_lm=is_masked_lm,
-        n_neurons=n_neurons, d_model=d_model, names=names, max_positions=_max_positions(model))
+        n_neurons=n_neurons, d_model=d_model, names=names, mlp_add=mlp_add, attn_add=attn_add,
+        max_positions=_max_positions(model))

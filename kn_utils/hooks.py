@@ -86,7 +86,7 @@ def modify(lm, site: str, fns: dict[int, Callable[[torch.Tensor], torch.Tensor |
     try:
         for layer, fn in fns.items():
             module, pre = lm.arch.module(site, layer)
-            if site in ("neurons", "mlp", "pre_act"):
+            if site in ("neurons", "mlp", "mlp_proj", "pre_act"):
                 fn = _unflatten(hooks, lm.arch.blocks[layer], fn)
             hooks.add(module, _wrap(fn, pre), pre=pre)
         yield
@@ -146,6 +146,39 @@ def narrow_logits(hooks: HookSet, lm, position: int) -> bool:
         return (args[0][:, position:position + 1],) + tuple(args[1:])
     hooks.add(lm.arch.unembed, pre, pre=True)
     return True
+
+
+def gather_logits(hooks: HookSet, lm, rows, positions) -> bool:
+    """Make the unembedding see only the hidden states at the pairs (``rows[i]``, ``positions[i]``),
+    so the vocabulary projection runs once per read position: the logits come back as
+    [1, n_pairs, vocab].  With Gemma's 262,144 x 640 projection, projecting every position costs
+    more than the rest of the forward.  False (nothing hooked) for a model without an unembedding.
+    """
+    if lm.arch.unembed is None:
+        return False
+    rows, positions = torch.as_tensor(rows), torch.as_tensor(positions)
+
+    def pre(module, args):
+        hidden = args[0]
+        picked = hidden[rows.to(hidden.device), positions.to(hidden.device)]
+        return (picked[None],) + tuple(args[1:])
+    hooks.add(lm.arch.unembed, pre, pre=True)
+    return True
+
+
+def read_logits(lm, rows, positions, **forward) -> torch.Tensor:
+    """``lm.model(**forward)``'s logits [n_pairs, vocab] at the pairs (``rows[i]``, ``positions[i]``)
+    only (see :func:`gather_logits`); gradients flow as through the full logits."""
+    hooks = HookSet()
+    try:
+        gathered = gather_logits(hooks, lm, rows, positions)
+        logits = lm.model(**forward).logits
+    finally:
+        hooks.remove()
+    if gathered:
+        return logits[0]
+    rows = torch.as_tensor(rows, device=logits.device)
+    return logits[rows, torch.as_tensor(positions, device=logits.device)]
 
 
 def batch_widener(carrier: int, copies: int, index: torch.Tensor | None = None):

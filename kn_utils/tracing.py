@@ -138,7 +138,9 @@ def noise_level(lm, subjects, factor: float = 3.0) -> float:
     """``factor`` x the std of the input embeddings of the subjects' tokens (ROME's "s3" for 3).
 
     Each subject is embedded on its own (no special tokens), all token vectors are pooled, and the
-    std is taken over every element, as in ROME's ``collect_embedding_std``.
+    std is taken over every element, as in ROME's ``collect_embedding_std``.  The vectors are the
+    embedding *module's* output -- for Gemma after its multiplication by sqrt(d_model) -- which is
+    exactly the value the corrupted run adds the noise to, so the level is on the same scale.
     """
     if isinstance(subjects, str):
         subjects = [subjects]
