@@ -514,6 +514,8 @@ def load_model(source="default", *, tokenizer=None, device=None, dtype=None, **h
                 raise FileNotFoundError(f"model folder not found: {name}")
             try:
                 model, loaded_tokenizer = _from_pretrained(name, load_dtype, hf_kwargs)
+            except FileNotFoundError:
+                raise  # a missing local folder: its own message says so
             except OSError as err:
                 if Path(name).expanduser().exists():
                     raise
