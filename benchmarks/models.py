@@ -26,13 +26,15 @@ from kn_utils.editing import rome
 from kn_utils.editing.rome import ROMEHyperParams, layer_stats, rome_edit
 from common import best_time, sync
 
-PROMPT, SUBJECT, TARGET, NEW = "The Eiffel Tower is located in the city of", "The Eiffel Tower", "Paris", "Rome"
+PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
+TARGET, NEW = "Paris", "Rome"
 
 
 def full_read_logits(lm, rows, positions, **forward):
     """The old way: project every position onto the vocabulary, then pick the read ones."""
     logits = lm.model(**forward).logits
-    return logits[torch.as_tensor(rows, device=logits.device), torch.as_tensor(positions, device=logits.device)]
+    dev = logits.device
+    return logits[torch.as_tensor(rows, device=dev), torch.as_tensor(positions, device=dev)]
 
 
 def measure(name, args) -> dict:
