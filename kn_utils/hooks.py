@@ -233,7 +233,7 @@ def record(lm, site: str, layers: int | Iterable[int] | None = None, *, detach: 
     """
     store: dict[int, torch.Tensor] = {}
     chosen = _layers(lm, site, layers)
-    last = max(chosen)
+    last = max(chosen, default=None)
     mine = StopForward(f"record({site!r}) stop after layer {last}")
 
     def keeper(layer):
