@@ -53,7 +53,7 @@ def main(argv=None):
         hp.v_num_grad_steps = cfg["steps"]
         hp.context_template_length_params = cfg["context"]
         hp.mom2_adjustment = not args.no_mom2
-        hp.mom2_n_samples = cfg["mom2_tokens"]
+        hp.mom2_sample, hp.mom2_n_samples = "tokens", cfg["mom2_tokens"]
         start = time.perf_counter()
         df = evaluate_edits(lm, "rome", args.relation, n=cfg["n"], hparams=hp, progress=False)
         seconds = time.perf_counter() - start

@@ -48,6 +48,7 @@ def measure(name, args) -> dict:
     hp = ROMEHyperParams.for_model(lm)
     hp.v_num_grad_steps = args.steps
     hp.context_template_length_params = [[5, 3]]
+    hp.mom2_adjustment, hp.mom2_sample = True, "tokens"   # as timed before: C from the first tokens
     hp.mom2_n_samples = args.stats_tokens
     hp = hp.resolve(lm)
     rome.context_templates(lm, hp.context_template_length_params)   # generated once, cached
@@ -72,12 +73,12 @@ def measure(name, args) -> dict:
            "rome_steps": hp.v_num_grad_steps, "rome_s": round(t_rome, 2),
            "after_edit": f"{after[0]!r} {after[1]:.2f}"}
     if args.full_logits:
-        fast = rome.read_logits
-        rome.read_logits = full_read_logits
+        fast = rome.compute.read_logits
+        rome.compute.read_logits = full_read_logits
         try:
             row["rome_full_logits_s"] = round(best_time(one_edit, dev)[0], 2)
         finally:
-            rome.read_logits = fast
+            rome.compute.read_logits = fast
     assert ig.shape == (lm.arch.n_layers, lm.arch.n_neurons)
     return row
 

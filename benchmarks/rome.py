@@ -49,7 +49,7 @@ def main(argv=None):
     hp = ROMEHyperParams.for_model(lm)
     hp.v_num_grad_steps = cfg["steps"]
     hp.context_template_length_params = cfg["context"]
-    hp.mom2_n_samples = cfg["stats_tokens"]
+    hp.mom2_sample, hp.mom2_n_samples = "tokens", cfg["stats_tokens"]
     hp = hp.resolve(lm)
     rome.context_templates(lm, hp.context_template_length_params)   # generated once, cached
 

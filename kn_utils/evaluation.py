@@ -33,7 +33,6 @@ items it does not know are kept.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
@@ -44,6 +43,7 @@ from tqdm.auto import tqdm
 from . import targets as tg
 from .data import BUILTIN_DIR, source_of
 from .data.pararel import Bag, causal_prompts, load_bags
+from .editing.base import EditRequest  # noqa: F401  (the one request type; re-exported here)
 
 RELATIONS = ("P36", "P1376", "P101")
 EDITORS = ("rome", "kn")
@@ -69,18 +69,6 @@ def synonyms() -> dict[str, str]:
     """Field of work → occupation (``data/synonyms.json``)."""
     with open(SYNONYMS_FILE, encoding="utf-8") as f:
         return dict(json.load(f)["field_to_occupation"])
-
-
-@dataclass(frozen=True)
-class EditRequest:
-    """What an editor is asked to do: make ``prompt`` (containing ``subject``) answer ``target_new``."""
-
-    relation: str
-    prompt: str
-    subject: str
-    target_true: str
-    target_new: str
-    prompts: tuple[str, ...] = field(default=())   # all prompts of the fact's bag (KN attribution)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -239,18 +239,18 @@ def continuation(lm, prompt: str, tokens: int = 12, *, sample: bool = False, see
     return lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def rome_hparams(lm, data_dir=None):
-    """ROME's settings for ``lm`` (``ROMEHyperParams.for_model``), runnable here.
+def rome_hparams(lm, data_dir=None, config: str = "paper"):
+    """ROME's settings for ``lm`` (``ROMEHyperParams.for_model(lm, config)``), runnable here.
 
-    ROME's covariance statistics need a text corpus: the data folder's WikiText / Wikipedia sample,
-    else WikiText-103 from the hub through the ``datasets`` package.  With neither (a fresh machine
-    without the data sets), the covariance adjustment is switched off (C = identity, the plain
-    rank-one update) and a warning says so, rather than failing.
+    ``config="paper"`` (the paper's code) runs without covariance statistics.  ``"rome"`` needs a text
+    corpus for them: the data folder's WikiText / Wikipedia sample, else WikiText-103 from the hub
+    through the ``datasets`` package.  With neither (a fresh machine without the data sets), the
+    covariance adjustment is switched off (C = identity) and a warning says so, rather than failing.
     """
     from .data.text import resolve_corpus
     from .editing.rome import ROMEHyperParams
 
-    hp = ROMEHyperParams.for_model(lm)
+    hp = ROMEHyperParams.for_model(lm, config)
     corpus = resolve_corpus(hp.mom2_dataset, data_dir)
     if hp.mom2_adjustment and corpus.startswith("hub:") and importlib.util.find_spec("datasets") is None:
         warnings.warn(f"no local text corpus for ROME's covariance statistics (no data folder) and no "

@@ -217,22 +217,38 @@ def batch_widener(carrier: int, copies: int, index: torch.Tensor | None = None):
     return widen
 
 
+class StopForward(Exception):
+    """Raised by :func:`record` with ``stop=True`` once its last layer is read; the ``with`` ends it."""
+
+
 @contextmanager
-def record(lm, site: str, layers: int | Iterable[int] | None = None, *, detach: bool = True):
+def record(lm, site: str, layers: int | Iterable[int] | None = None, *, detach: bool = True,
+           stop: bool = False):
     """Yield a dict ``{layer: activation}`` filled by the forward passes run in the body.
 
     With ``detach=False`` the stored tensors stay in the autograd graph (call ``retain_grad``).
-    A second forward pass in the same body overwrites the first.
+    A second forward pass in the same body overwrites the first.  With ``stop=True`` (baukit's
+    ``Trace(stop=True)``) the forward ends as soon as the last listed layer is recorded: the layers
+    above it do not run, and neither does the rest of the ``with`` body.
     """
     store: dict[int, torch.Tensor] = {}
+    chosen = _layers(lm, site, layers)
+    last = max(chosen, default=None)
+    mine = StopForward(f"record({site!r}) stop after layer {last}")
 
     def keeper(layer):
         def keep(value):
             store[layer] = value.detach() if detach else value
+            if stop and layer == last:
+                raise mine
         return keep
 
-    with modify(lm, site, {layer: keeper(layer) for layer in _layers(lm, site, layers)}):
-        yield store
+    with modify(lm, site, {layer: keeper(layer) for layer in chosen}):
+        try:
+            yield store
+        except StopForward as err:
+            if err is not mine:   # only this record's own stop ends here (nested records)
+                raise
 
 
 def _check_index(index: Index, name: str) -> Index:

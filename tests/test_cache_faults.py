@@ -23,7 +23,7 @@ import torch
 import kn_utils as ku
 from kn_utils import models
 from kn_utils.editing import rome
-from kn_utils.editing.rome import STATS_COMPUTED, context_templates, layer_stats, model_key, stats_path
+from kn_utils.editing.rome import context_templates, layer_stats, model_key, stats_path
 
 import tiny_models
 from tiny_models import save_tiny, tiny_model
@@ -35,11 +35,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def tmp_cache(tmp_path, monkeypatch):
     tiny_models.default_tokenizer_dir()   # resolved in the real cache before the cache moves
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
-    rome._STATS_IN_MEMORY.clear()
-    rome._TEMPLATE_CACHE.clear()
+    rome.stats._STATS_IN_MEMORY.clear()
+    rome.templates._TEMPLATE_CACHE.clear()
     yield tmp_path / "cache"
-    rome._STATS_IN_MEMORY.clear()
-    rome._TEMPLATE_CACHE.clear()
+    rome.stats._STATS_IN_MEMORY.clear()
+    rome.templates._TEMPLATE_CACHE.clear()
+
+
+@pytest.fixture
+def stats_passes(monkeypatch):
+    """A spy: one entry per statistics pass over the corpus (a cache hit reads no corpus)."""
+    calls, real = [], rome.stats._corpus_texts
+    monkeypatch.setattr(rome.stats, "_corpus_texts", lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
 
 
 class Builder:
@@ -298,20 +306,20 @@ STATS_DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(STATS_DAMAGE))
-def test_damaged_statistics_are_recomputed(tiny, tmp_cache, data_dir, damage):
+def test_damaged_statistics_are_recomputed(tiny, tmp_cache, data_dir, damage, stats_passes):
     lm = tiny("llama")
     first = layer_stats(lm, 1, "wikitext", 200, data_dir=data_dir, progress=False)
     path = stats_path(lm, 1, "wikitext", 200)
     STATS_DAMAGE[damage](path)
-    rome._STATS_IN_MEMORY.clear()
-    start = STATS_COMPUTED["count"]
+    rome.stats._STATS_IN_MEMORY.clear()
+    start = len(stats_passes)
     with pytest.warns(UserWarning, match=re.escape(str(path))):
         again = layer_stats(lm, 1, "wikitext", 200, data_dir=data_dir, progress=False)
-    assert STATS_COMPUTED["count"] == start + 1
+    assert len(stats_passes) == start + 1
     assert torch.equal(again, first)
-    rome._STATS_IN_MEMORY.clear()
+    rome.stats._STATS_IN_MEMORY.clear()
     assert torch.equal(layer_stats(lm, 1, "wikitext", 200, data_dir=data_dir, progress=False), first)
-    assert STATS_COMPUTED["count"] == start + 1     # the rewritten file is read back
+    assert len(stats_passes) == start + 1     # the rewritten file is read back
 
 
 def test_a_killed_statistics_writer_leaves_nothing_behind(tiny, tmp_cache, data_dir):
@@ -343,7 +351,7 @@ def test_rome_refuses_nan_statistics_and_changes_no_weight(tmp_cache, monkeypatc
     lm = ku.load_model(model, tokenizer=tok, device="cpu")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     nan = torch.full((lm.arch.n_neurons,) * 2, float("nan"))
-    monkeypatch.setattr(rome, "layer_stats", lambda *a, **k: nan)
+    monkeypatch.setattr(rome.stats, "layer_stats", lambda *a, **k: nan)
     hp = rome.ROMEHyperParams(layer=1, v_num_grad_steps=2, context_template_length_params=[[3, 1]],
                               mom2_adjustment=True)
     with pytest.raises(ValueError, match="not finite"):   # before: delta_norm = nan, NaN weights
@@ -353,15 +361,15 @@ def test_rome_refuses_nan_statistics_and_changes_no_weight(tmp_cache, monkeypatc
     assert ku.hook_count(lm.model) == 0
 
 
-def test_same_weights_in_two_folders_share_one_statistics_file(tmp_cache, tmp_path, data_dir):
+def test_same_weights_in_two_folders_share_one_statistics_file(tmp_cache, tmp_path, data_dir, stats_passes):
     a = save_tiny("llama", tmp_path / "a")
     b = shutil.copytree(a, tmp_path / "elsewhere" / "b")
     lm_a, lm_b = ku.load_model(a, device="cpu"), ku.load_model(str(b), device="cpu")
     assert lm_a.name != lm_b.name and model_key(lm_a) == model_key(lm_b)
-    start = STATS_COMPUTED["count"]
+    start = len(stats_passes)
     first = layer_stats(lm_a, 0, "wikitext", 150, data_dir=data_dir, progress=False)
     second = layer_stats(lm_b, 0, "wikitext", 150, data_dir=data_dir, progress=False)
-    assert STATS_COMPUTED["count"] == start + 1 and torch.equal(first, second)
+    assert len(stats_passes) == start + 1 and torch.equal(first, second)
     assert len(list((tmp_cache / "stats").iterdir())) == 1
     # other weights under the same folder name: another key
     other = ku.load_model(save_tiny("llama", tmp_path / "c", seed=1), device="cpu")
@@ -415,7 +423,7 @@ def test_damaged_context_templates_are_generated_again(tiny, tmp_cache, content)
     first = context_templates(lm, [[3, 2]], seed=0)
     [path] = (tmp_cache / "context_templates").iterdir()
     path.write_text(content)
-    rome._TEMPLATE_CACHE.clear()
+    rome.templates._TEMPLATE_CACHE.clear()
     with pytest.warns(UserWarning, match=re.escape(str(path))):
         again = context_templates(lm, [[3, 2]], seed=0)
     assert again == first and json.loads(path.read_text()) == first

@@ -131,9 +131,11 @@ def test_rome_hparams_without_a_corpus(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
     monkeypatch.setattr("kn_utils.data.text.data_root", lambda data_dir=None: None)
     with pytest.warns(UserWarning, match="covariance adjustment"):
-        hp = explore.rome_hparams(lm)
+        hp = explore.rome_hparams(lm, config="rome")
     assert hp.mom2_adjustment is False
-    assert ROMEHyperParams.for_model(lm).mom2_adjustment is True  # the preset itself is untouched
+    with pytest.warns(UserWarning, match="random texts"):   # ROME's count, smaller on the CPU
+        assert ROMEHyperParams.for_model(lm, "rome").mom2_adjustment is True  # the preset is untouched
+    assert explore.rome_hparams(lm).mom2_adjustment is False   # the paper's configuration needs no C
 
 
 def test_continuation_needs_a_causal_lm(tiny):

@@ -126,7 +126,7 @@ def test_rome_flips_the_fact_and_restores(gemma):
         assert ku.predict(lm, PROMPT, 1)[0][0] == " Rome"
         module = lm.arch.mlp_out[edit.layer]
         with torch.no_grad():
-            out = module(edit.k_star[None]).reshape(-1)
+            out = module(edit.k0[None]).reshape(-1)   # ROME's code: k0 -> v*
         assert torch.allclose(out, edit.v_star, atol=1e-3 * edit.v_star.norm().item())
     for n, p in lm.model.named_parameters():
         assert torch.equal(p, snap[n]), n

@@ -155,7 +155,7 @@ def test_ig_kv_shortcut_exact_with_sliding_window(gemma, target):
 
 
 def test_rome_edits_the_projection_before_the_post_norm(gemma, tmp_path, monkeypatch):
-    """v* lives at the projection's output ("mlp_proj"): the edited down_proj maps k* to v*, and the
+    """v* lives at the projection's output ("mlp_proj"): the edited down_proj maps k0 to v*, and the
     post-MLP norm then sees exactly v* there. Weights are restored bit for bit."""
     monkeypatch.setenv("KN_UTILS_CACHE", str(tmp_path))
     lm = gemma
@@ -165,7 +165,7 @@ def test_rome_edits_the_projection_before_the_post_norm(gemma, tmp_path, monkeyp
     with ku.rome_edit(lm, "The capital of France is", "France", "Rome", hp) as edit:
         module = lm.arch.mlp_out[1]
         with torch.no_grad():
-            out = module(edit.k_star[None]).reshape(-1)
+            out = module(edit.k0[None]).reshape(-1)   # ROME's code: k0 -> v*
         assert torch.allclose(out, edit.v_star, atol=1e-4 * edit.v_star.norm().item())
         assert edit.v_star.shape == (lm.arch.d_model,)
     for n, p in lm.model.named_parameters():

@@ -237,8 +237,8 @@ def test_rome_hparams_fail_early(tiny, tmp_cache, monkeypatch):
 
     def no_stats(*args, **kwargs):
         raise AssertionError("the statistics pass started before the settings were checked")
-    monkeypatch.setattr(rome, "layer_stats", no_stats)
-    monkeypatch.setattr(rome, "context_templates", no_stats)
+    monkeypatch.setattr(rome.stats, "layer_stats", no_stats)
+    monkeypatch.setattr(rome.templates, "context_templates", no_stats)
     with pytest.raises(TypeError, match=r"ROMEHyperParams or None, got dict .*ROMEHyperParams\(\*\*"):
         rome_edit(lm, PROMPT, "France", "Rome", {"layer": 1})
     bad = [("v_lr", math.nan), ("v_lr", math.inf), ("v_lr", 0.0), ("v_lr", -0.5), ("v_lr", "0.5"),

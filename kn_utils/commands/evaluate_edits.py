@@ -15,6 +15,9 @@ def add_arguments(parser):
     parser.add_argument("--data-dir", default=None, help="data sets folder (default: $KN_DATA_DIR or ../shared/data)")
     parser.add_argument("--layer", type=int, default=None, help="ROME layer (default: the model's preset)")
     parser.add_argument("--steps", type=int, default=None, help="ROME v* optimisation steps")
+    parser.add_argument("--config", default="paper", choices=("paper", "rome"),
+                        help="ROME preset configuration: 'paper' (the paper's code, C = I; default) or "
+                             "'rome' (ROME's published settings, covariance statistics on)")
     parser.add_argument("--no-mom2", action="store_true", help="ROME without covariance statistics (C = I)")
     parser.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, float16)")
 
@@ -27,7 +30,7 @@ def run(args) -> int:
     lm = ku.load_model(args.model, device=args.device, dtype=args.dtype)
     hparams = None
     if args.editor == "rome":
-        hparams = ROMEHyperParams.for_model(lm)
+        hparams = ROMEHyperParams.for_model(lm, args.config)
         if args.layer is not None:
             hparams.layer = args.layer
         if args.steps is not None:

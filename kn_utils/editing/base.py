@@ -14,6 +14,7 @@ Changes made to the weights outside an edit while edits are live are lost when o
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 
@@ -119,3 +120,20 @@ class WeightEdit:
     def __repr__(self):
         state = "applied" if self.applied else "not applied"
         return f"{type(self).__name__}({self.description!r}, {state})"
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """What an editor is asked to do: make ``prompt`` (containing ``subject``) answer ``target_new``.
+
+    The one request type of every editor (``ROMERequest`` and ``evaluation.EditRequest`` are this);
+    ``relation``, ``target_true`` and ``prompts`` (all prompts of the fact's bag, for KN attribution)
+    are known in an evaluation run and None / empty for a single edit.
+    """
+
+    relation: str | None
+    prompt: str
+    subject: str
+    target_true: str | None
+    target_new: str
+    prompts: tuple[str, ...] = field(default=())
