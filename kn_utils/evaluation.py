@@ -12,7 +12,8 @@ Each item: measure before, edit, measure, restore.  Every criterion is reported 
 
 * ``*_prob``: the paper's probability comparison (new answer more probable than the old one);
 * ``*_acc``: the paper code's teacher-forced token accuracy of the new answer (fraction of its
-  tokens that are the argmax when the earlier ones are given).
+  tokens that are the argmax when the earlier ones are given); the metric of the paper's Table 1,
+  so :func:`summarize_edits` shows it first.
 
 Criteria (``_pre`` columns hold the unedited model's value, for reference):
 

@@ -134,7 +134,8 @@ def read_queries(lm, queries: Sequence[Query], *, neurons=None, factor: float = 
 
 def _as_targets(lm, items) -> list[Target]:
     """(prompt, target) pairs or prepared :class:`~kn_utils.targets.Target` objects."""
-    if isinstance(items, (str, Target)):
+    single_pair = isinstance(items, tuple) and len(items) == 2 and all(isinstance(x, str) for x in items)
+    if isinstance(items, (str, Target)) or single_pair:
         raise ValueError("pass a list of (prompt, target) pairs or prepared targets, not a single one")
     out = []
     for item in items:
