@@ -16,6 +16,7 @@ gradients flow through them.
 """
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Callable, Iterable, Sequence
@@ -327,7 +328,7 @@ def _check_factor(factor):
             raise ValueError(f"a tensor factor must be 1-D, one number per batch row, got shape "
                              f"{tuple(factor.shape)} and dtype {factor.dtype}")
         return factor
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
         raise TypeError(f"factor must be a number or a 1-D tensor of per-row numbers, got {factor!r}")
     return float(factor)
 

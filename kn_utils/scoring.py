@@ -25,6 +25,7 @@ the neurons scaled at its *other* tokens' positions, so each read position then 
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -34,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .hooks import neurons_by_layer, read_logits, scale_neurons
-from .targets import Query, Target, logits_at, pad_batch, prepare, prompt_ids, read_position
+from .targets import Query, Target, pad_batch, prepare, prompt_ids, read_position
 
 SCALE_AT = ("read", "last", "all")
 
@@ -74,9 +75,27 @@ def _scaling(lm, neurons, factor, scale_at):
     if neurons is None:
         return None
     neurons_by_layer(lm, neurons)   # bad neurons fail before the first forward
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor):
         raise ValueError(f"factor must be a finite number, got {factor!r}")
     return scale_at
+
+
+def _batch_logits(lm, ids, mask, rows, positions) -> torch.Tensor:
+    """float32 logits [n_reads, vocab] of a padded batch at the pairs (rows[i], positions[i])."""
+    return read_logits(lm, rows, positions, input_ids=ids, attention_mask=mask).float()
+
+
+def logits_at(lm, sequences, positions, *, batch_size: int = 32) -> torch.Tensor:
+    """Logits [n, vocab] of each sequence at its read position (batched, right padded, no grad)."""
+    _check_batch_size(batch_size)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            seqs = sequences[start:start + batch_size]
+            ids, mask = pad_batch(lm, seqs)
+            out.append(_batch_logits(lm, ids, mask, list(range(len(seqs))),
+                                     list(positions[start:start + batch_size])))
+    return torch.cat(out)
 
 
 def read_queries(lm, queries: Sequence[Query], *, neurons=None, factor: float = 0.0,
@@ -120,8 +139,7 @@ def read_queries(lm, queries: Sequence[Query], *, neurons=None, factor: float = 
             else:
                 scaled = scale_neurons(lm, neurons, factor)
             with scaled:
-                logits = read_logits(lm, rows, positions, input_ids=ids, attention_mask=mask)
-            lsm = logits.float().log_softmax(-1)
+                lsm = _batch_logits(lm, ids, mask, rows, positions).log_softmax(-1)
             top = lsm.argmax(-1).cpu()
             # which read each query uses, then one gather for all of them
             read_of = torch.tensor([r for r, members in enumerate(owners) for _ in members])
@@ -270,5 +288,5 @@ def trace_items(lm, uid: str, corrupt: str, n: int, data_dir=None, *, pool: int 
     return out
 
 
-__all__ = ["SCALE_AT", "Score", "blimp_accuracy", "pair_scores", "predict", "read_queries",
+__all__ = ["SCALE_AT", "Score", "blimp_accuracy", "logits_at", "pair_scores", "predict", "read_queries",
            "score_targets", "target_log_probs", "target_probability", "trace_items"]

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .hooks import read_logits
 
 MASK_PLACEHOLDER = "[MASK]"
 
@@ -210,19 +209,6 @@ def pad_batch(lm, sequences) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.to(lm.device), mask.to(lm.device)
 
 
-def logits_at(lm, sequences, positions, *, batch_size: int = 32) -> torch.Tensor:
-    """Logits [n, vocab] of each sequence at its read position (batched, right padded, no grad)."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            seqs = sequences[start:start + batch_size]
-            ids, mask = pad_batch(lm, seqs)
-            rows = torch.arange(len(seqs))
-            pos = torch.as_tensor(positions[start:start + batch_size])
-            out.append(read_logits(lm, rows, pos, input_ids=ids, attention_mask=mask).float())
-    return torch.cat(out)
-
-
 def subject_span(lm, prompt: str, subject: str, *, start: int | None = None
                  ) -> tuple[list[int], tuple[int, int]]:
     """(prompt token ids, [start, end) token span of ``subject``'s first occurrence in the prompt).
@@ -270,9 +256,9 @@ def _offsets(lm, text: str) -> tuple[list[int], list[tuple[int, int]]]:
 
 
 def __getattr__(name):
-    # predict / target_log_probs / target_probability moved to kn_utils.scoring (which imports
+    # logits_at / predict / target_log_probs / target_probability moved to kn_utils.scoring (which imports
     # this module); the old import path keeps working.
-    if name in ("predict", "target_log_probs", "target_probability"):
+    if name in ("logits_at", "predict", "target_log_probs", "target_probability"):
         from . import scoring
         return getattr(scoring, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
