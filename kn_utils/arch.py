@@ -38,6 +38,8 @@ from torch import nn
 from .checks import as_index
 
 SITES = ("neurons", "mlp", "attn", "hidden", "embed", "pre_act", "mlp_proj")
+# Sites inside the MLP: their values may come flattened to [batch*positions, width] (OPT).
+_MLP_SITES = ("neurons", "mlp", "mlp_proj", "pre_act")
 
 # Relative names inside one block, most specific first.  Checked in order; first hit wins.
 _MLP_OUT_NAMES = (
@@ -193,6 +195,31 @@ class Architecture:
         if module is None:
             raise ValueError(f"{self.family}: no MLP input projection found for the 'pre_act' site")
         return module, False
+
+    def site_view(self, site: str, layer: int, fn, add_hook):
+        """``fn`` adapted to see the value at ``site`` as [batch, positions, width].
+
+        Some MLPs (OPT) run on [batch*positions, width]; for the MLP sites a pre-hook on the block
+        (registered through ``add_hook(module, hook, pre=True, with_kwargs=True)``, so the caller
+        owns its removal) keeps the block's input shape, which tells how to fold the rows back.
+        """
+        if site not in _MLP_SITES:
+            return fn
+        shape = {}
+
+        def keep_shape(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if torch.is_tensor(hidden):
+                shape["bp"] = hidden.shape[:-1]
+
+        add_hook(self.blocks[layer], keep_shape, pre=True, with_kwargs=True)
+
+        def folded(value):
+            if value.dim() != 2 or "bp" not in shape:
+                return fn(value)
+            new = fn(value.view(*shape["bp"], value.shape[-1]))
+            return None if new is None else new.reshape(value.shape)
+        return folded
 
     def check_layer(self, layer: int, name: str = "layer") -> int:
         """``layer`` as an int in 0..n_layers-1 (TypeError for bool / float / str, ValueError out of range)."""

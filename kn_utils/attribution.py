@@ -423,9 +423,12 @@ def find_knowledge_neurons(lm, prompts, target, *, threshold: float = 0.2, mode:
                 raise ValueError("negative_targets is required when target is a list")
             negative_targets = target
         neg_targets = _as_targets(neg_prompts, negative_targets, "negative targets")
-    if maps is None:  # fail on bad inputs before the slow part
-        for p, t in zip(prompts + (neg_prompts or []), targets + (neg_targets or [])):
-            prepare(lm, p, t)
+    # Prepare each (prompt, target) once: bad inputs fail before the slow part, and the prepared
+    # targets are passed down (``prepare`` returns a prepared target as it is).
+    if maps is None:
+        targets = [prepare(lm, p, t) for p, t in zip(prompts, targets)]
+    if neg_prompts is not None and negative_maps is None:
+        neg_targets = [prepare(lm, p, t) for p, t in zip(neg_prompts, neg_targets)]
 
     maps = _maps_for(lm, prompts, targets, maps, steps, progress, "maps")
     n = len(prompts)

@@ -12,7 +12,8 @@ Each item: measure before, edit, measure, restore.  Every criterion is reported 
 
 * ``*_prob``: the paper's probability comparison (new answer more probable than the old one);
 * ``*_acc``: the paper code's teacher-forced token accuracy of the new answer (fraction of its
-  tokens that are the argmax when the earlier ones are given).
+  tokens that are the argmax when the earlier ones are given); the metric of the paper's Table 1,
+  so :func:`summarize_edits` shows it first.
 
 Criteria (``_pre`` columns hold the unedited model's value, for reference):
 
@@ -40,7 +41,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import targets as tg
+from .scoring import score_targets
 from .data import BUILTIN_DIR, source_of
 from .data.pararel import Bag, causal_prompts, load_bags
 from .editing.base import EditRequest  # noqa: F401  (the one request type; re-exported here)
@@ -76,29 +77,9 @@ def synonyms() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 def score(lm, pairs: list[tuple[str, str]], batch_size: int = 64):
     """For each (prompt, target): (log P(target), token accuracy, argmax ids) with teacher forcing,
-    all queries of all pairs in batched forwards."""
-    specs = [tg.prepare(lm, p, t) for p, t in pairs]
-    seqs, pos, owner = [], [], []
-    for i, spec in enumerate(specs):
-        for q in spec.queries:
-            seqs.append(list(q.input_ids))
-            pos.append(q.position)
-            owner.append(i)
-    if not seqs:
-        return []
-    logits = tg.logits_at(lm, seqs, pos, batch_size=batch_size)
-    logp = logits.log_softmax(-1)
-    argmax = logits.argmax(-1).tolist()
-    out, j = [], 0
-    for spec in specs:
-        k = len(spec.queries)
-        ids = torch.as_tensor(spec.target_ids, device=logp.device)
-        lp = float(logp[j:j + k].gather(1, ids[:, None]).sum())
-        am = argmax[j:j + k]
-        acc = sum(int(a == t) for a, t in zip(am, spec.target_ids)) / k
-        out.append((lp, acc, tuple(am)))
-        j += k
-    return out
+    all queries of all pairs in batched forwards (:func:`kn_utils.scoring.score_targets`)."""
+    return [(s.logp, s.accuracy, s.argmax)
+            for s in score_targets(lm, pairs, batch_size=batch_size)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,8 +265,7 @@ def evaluate_edits(lm, editor="rome", relation: str = "P36", n: int | None = Non
             edit.restore()
         row = {"relation": rel, "editor": name, "item": i, "subject": bag.subject, "prompt": prompts[0],
                "target_true": bag.object, "target_new": t_new,
-               "known": all(a == b for a, b in zip(pre["rel_old"][2],
-                                                     tg.prepare(lm, *pairs["rel_old"]).target_ids)),
+               "known": pre["rel_old"][1] == 1.0,
                "p_true_pre": float(torch.tensor(pre["rel_old"][0]).exp()),
                "p_new_pre": float(torch.tensor(pre["rel_new"][0]).exp()),
                "p_true_post": float(torch.tensor(post["rel_old"][0]).exp()),
@@ -316,9 +296,16 @@ def _frames(df_or_dict):
     raise ValueError("summarize_edits takes a DataFrame from evaluate_edits or a dict of them")
 
 
+# Table 1's metric first: the paper code's teacher-forced token accuracy of the new answer
+# (``test_prediction_acc``, REFERENCE.md §4); the probability comparison second.
+_TABLE_METRICS = ("reliability", "generality", "locality", "criterion")
+
+
 def summarize_edits(df_or_dict, print_table: bool = True) -> pd.DataFrame:
-    """Table 1: per (editor, relation) the mean of every criterion in %, with the paper's ROME numbers
-    (GPT-2 XL and LLaMA-2-7B) beside; ``known_only`` rows restrict to facts the model knew."""
+    """Table 1: per (editor, relation) the mean of every criterion in %, accuracy (the paper's
+    metric) before the probability comparison of each, with the paper's ROME numbers (GPT-2 XL and
+    LLaMA-2-7B) beside ROME's rows only (a KN-editor row holds NaN there: the paper has no KN
+    numbers to compare with); ``known_only`` rows restrict to facts the model knew."""
     out = []
     for df in _frames(df_or_dict):
         if df.empty:
@@ -331,15 +318,19 @@ def summarize_edits(df_or_dict, print_table: bool = True) -> pd.DataFrame:
                 rec = {"editor": editor, "relation": rel, "subset": subset, "n": len(rows),
                        "n_skipped": df.attrs.get("n_skipped", 0), "known": 100 * part["known"].mean(),
                        "data_source": df.attrs.get("data_source")}
-                for col in ("reliability_prob", "reliability_acc", "generality_prob", "generality_acc",
-                            "locality_prob", "locality_acc", f"{crit}_prob", f"{crit}_acc",
-                            f"{crit}_prob_pre"):
-                    key = col.replace(crit, "criterion")
-                    rec[key] = 100 * rows[col].mean() if col in rows else float("nan")
+                for metric in _TABLE_METRICS:
+                    name = crit if metric == "criterion" else metric
+                    for kind in ("acc", "prob"):
+                        col = f"{name}_{kind}"
+                        rec[f"{metric}_{kind}"] = 100 * rows[col].mean() if col in rows else float("nan")
+                for kind in ("acc", "prob"):
+                    col = f"{crit}_{kind}_pre"
+                    rec[f"criterion_{kind}_pre"] = 100 * rows[col].mean() if col in rows else float("nan")
                 rec["criterion"] = crit
                 for model, (r, c, n) in PAPER_TABLE1[rel][1].items():
-                    rec[f"paper_{model}_reliability"] = r
-                    rec[f"paper_{model}_criterion"] = c
+                    rome_row = editor == "rome"
+                    rec[f"paper_{model}_reliability"] = r if rome_row else float("nan")
+                    rec[f"paper_{model}_criterion"] = c if rome_row else float("nan")
                 out.append(rec)
     table = pd.DataFrame(out)
     if print_table and not table.empty:

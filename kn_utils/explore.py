@@ -27,7 +27,8 @@ from .attribution import attribution_maps, find_knowledge_neurons
 from .editing.kn import intervention_summary, measure_intervention
 from .plotting import attribution as plots
 from .plotting import plot_probability_change, plot_trace_panels
-from .targets import predict, prepare, target_probability
+from .scoring import predict, target_probability
+from .targets import prepare
 from .tracing import causal_trace
 
 __all__ = ["top_tokens", "attribution", "knowledge_neurons", "intervention", "trace", "trace_summary",

@@ -16,8 +16,9 @@ gradients flow through them.
 """
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -86,34 +87,11 @@ def modify(lm, site: str, fns: dict[int, Callable[[torch.Tensor], torch.Tensor |
     try:
         for layer, fn in fns.items():
             module, pre = lm.arch.module(site, layer)
-            if site in ("neurons", "mlp", "mlp_proj", "pre_act"):
-                fn = _unflatten(hooks, lm.arch.blocks[layer], fn)
+            fn = lm.arch.site_view(site, layer, fn, hooks.add)
             hooks.add(module, _wrap(fn, pre), pre=pre)
         yield
     finally:
         hooks.remove()
-
-
-def _unflatten(hooks: HookSet, block, fn):
-    """Some MLPs (OPT) run on [batch*positions, width]: show ``fn`` the [batch, positions, width] view.
-
-    The block's input shape, taken by a pre-hook on the block, tells how to fold the rows back.
-    """
-    shape = {}
-
-    def keep_shape(module, args, kwargs):
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if torch.is_tensor(hidden):
-            shape["bp"] = hidden.shape[:-1]
-
-    hooks.add(block, keep_shape, pre=True, with_kwargs=True)
-
-    def folded(value):
-        if value.dim() != 2 or "bp" not in shape:
-            return fn(value)
-        new = fn(value.view(*shape["bp"], value.shape[-1]))
-        return None if new is None else new.reshape(value.shape)
-    return folded
 
 
 @contextmanager
@@ -345,57 +323,98 @@ def neurons_by_layer(lm, neurons) -> dict[int, list[int]]:
     return dict(grouped)
 
 
+def _row_positions(positions) -> torch.Tensor:
+    if not torch.is_tensor(positions):
+        return torch.as_tensor(as_indices(positions, "row_positions"), dtype=torch.long).reshape(-1)
+    # a dtype check only: reading the values would sync a GPU once per batch
+    if positions.dtype == torch.bool or positions.dtype.is_floating_point:
+        raise TypeError(f"row_positions must be an integer tensor, got dtype {positions.dtype}")
+    return positions.reshape(-1)
+
+
+def _per_row(name: str, tensor: torch.Tensor, batch: int) -> None:
+    if tensor.shape[0] != batch:
+        raise ValueError(f"{name} has {tensor.shape[0]} entries but the batch has {batch} rows: "
+                         f"give one per row")
+
+
+def _check_factor(factor):
+    if torch.is_tensor(factor):
+        if factor.dim() != 1 or factor.dtype == torch.bool:
+            raise ValueError(f"a tensor factor must be 1-D, one number per batch row, got shape "
+                             f"{tuple(factor.shape)} and dtype {factor.dtype}")
+        return factor
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
+        raise TypeError(f"factor must be a number or a 1-D tensor of per-row numbers, got {factor!r}")
+    return float(factor)
+
+
+@contextmanager
+def scale_neurons(lm, neurons, factor, *, positions: Index = None, rows: Index = None,
+                  row_positions=None):
+    """Multiply the listed (layer, neuron) activations by ``factor``: the one neuron-scaling hook
+    behind :func:`suppress`, :func:`enhance` and :func:`intervene`.
+
+    ``factor``: a number, or a 1-D tensor with one factor per batch row.  Where: ``positions`` /
+    ``rows`` select positions and rows shared by the batch (all by default), or ``row_positions``
+    (an integer tensor [batch]) gives each row of a right-padded batch its own position.
+    """
+    grouped = neurons_by_layer(lm, neurons)
+    factor = _check_factor(factor)
+    if row_positions is not None:
+        if positions is not None or rows is not None:
+            raise ValueError("give either row_positions (one position per row) or positions / rows, "
+                             "not both")
+        row_positions = _row_positions(row_positions)
+    # types are checked here, before any hook; ranges once the activation's shape is known
+    positions, rows = _check_index(positions, "positions"), _check_index(rows, "rows")
+
+    def scaler(units):
+        def fn(value):
+            b, p = value.shape[0], value.shape[-2]
+            if row_positions is None:
+                where = (_as_index(rows, b, "rows")[:, None]
+                         & _as_index(positions, p, "positions")[None, :]).to(value.device)
+            else:
+                _per_row("row_positions", row_positions, b)
+                where = torch.zeros((b, p), dtype=torch.bool, device=value.device)
+                where[torch.arange(b, device=value.device), row_positions.to(value.device)] = True
+            f = factor
+            if torch.is_tensor(f):
+                _per_row("factor", f, b)
+                f = f.to(value.device, value.dtype)[:, None, None]
+            idx = torch.as_tensor(units, device=value.device)
+            picked = value.index_select(-1, idx)
+            # out of place, so gradients flow through the untouched entries
+            return value.index_copy(-1, idx, torch.where(where[..., None], picked * f, picked))
+        return fn
+    with modify(lm, "neurons", {layer: scaler(units) for layer, units in grouped.items()}):
+        yield
+
+
 def intervene(lm, neurons, factor: float, positions: torch.Tensor | None):
     """Context manager: multiply ``neurons`` by ``factor`` at one position per batch row.
 
     ``positions``: tensor [batch] of the position to change in each row (None: every position).
-    Unlike :func:`scale_neurons`, each row of a right-padded batch can have its own position.
+    A thin wrapper of :func:`scale_neurons` (``row_positions=``).
     """
-    grouped = neurons_by_layer(lm, neurons)
-    if torch.is_tensor(positions):
-        # a dtype check only: reading the values would sync a GPU once per batch
-        if positions.dtype == torch.bool or positions.dtype.is_floating_point:
-            raise TypeError(f"positions must be an integer tensor, got dtype {positions.dtype}")
-    elif positions is not None:
-        positions = torch.as_tensor(as_indices(positions, "positions"), dtype=torch.long)
-
-    def scaler(units):
-        def fn(value):
-            mask = torch.zeros(value.shape, dtype=torch.bool, device=value.device)
-            idx = torch.as_tensor(units, device=value.device)
-            if positions is None:
-                mask[:, :, idx] = True
-            else:
-                rows = torch.arange(value.shape[0], device=value.device)
-                pos = positions.to(value.device)
-                mask[rows[:, None], pos[:, None], idx[None, :]] = True
-            return torch.where(mask, value * factor, value)
-        return fn
-    return modify(lm, "neurons", {layer: scaler(units) for layer, units in grouped.items()})
+    return scale_neurons(lm, neurons, factor, row_positions=positions)
 
 
-@contextmanager
-def scale_neurons(lm, neurons, factor: float, *, positions: Index = None, rows: Index = None):
-    """Multiply the listed (layer, neuron) activations by ``factor`` (all positions by default)."""
-    grouped = neurons_by_layer(lm, neurons)
-    with ExitStack() as stack:
-        for layer, units in grouped.items():
-            stack.enter_context(scale_activation(lm, "neurons", layer, factor, units=units,
-                                                 positions=positions, rows=rows))
-        yield
-
-
-def suppress(lm, neurons, *, positions: Index = None, rows: Index = None):
+def suppress(lm, neurons, *, positions: Index = None, rows: Index = None, row_positions=None):
     """Set the activations of ``neurons`` [(layer, neuron), ...] to zero (Dai et al.'s suppression).
 
-    ``positions=None`` acts at every position; pass the target position (e.g. ``-1``) to act only there.
+    ``positions=None`` acts at every position; pass the target position (e.g. ``-1``) to act only
+    there, or ``row_positions`` (tensor [batch]) for one position per row.
     """
-    return scale_neurons(lm, neurons, 0.0, positions=positions, rows=rows)
+    return scale_neurons(lm, neurons, 0.0, positions=positions, rows=rows, row_positions=row_positions)
 
 
-def enhance(lm, neurons, factor: float = 2.0, *, positions: Index = None, rows: Index = None):
+def enhance(lm, neurons, factor: float = 2.0, *, positions: Index = None, rows: Index = None,
+            row_positions=None):
     """Multiply the activations of ``neurons`` by ``factor`` (Dai et al. double them)."""
-    return scale_neurons(lm, neurons, factor, positions=positions, rows=rows)
+    return scale_neurons(lm, neurons, factor, positions=positions, rows=rows,
+                         row_positions=row_positions)
 
 
 def hook_count(model) -> int:

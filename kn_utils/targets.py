@@ -17,10 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from .hooks import read_logits
 
 MASK_PLACEHOLDER = "[MASK]"
 
@@ -126,8 +124,14 @@ def prepare(lm, prompt: str, target: str) -> Target:
 
     Trailing whitespace of ``target`` is stripped ("Paris " is "Paris"); a leading space is kept
     and, for causal LMs, added where missing (the prompt's trailing whitespace moves to it).
-    ``Target.target`` is the stripped form.
+    ``Target.target`` is the stripped form.  A :class:`Target` already prepared for ``prompt`` is
+    returned as it is, so callers can prepare once and pass the result down.
     """
+    if isinstance(target, Target):
+        if prompt != target.prompt and check_prompt(lm, prompt) != target.prompt:
+            raise ValueError(f"the prepared target was made for the prompt {target.prompt!r}, "
+                             f"not {prompt!r}")
+        return target
     prompt = check_prompt(lm, prompt)
     if not isinstance(target, str) or not target.strip():
         raise ValueError(f"empty target: the target must be a non-empty string, got {target!r}")
@@ -205,47 +209,56 @@ def pad_batch(lm, sequences) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.to(lm.device), mask.to(lm.device)
 
 
-def logits_at(lm, sequences, positions, *, batch_size: int = 32) -> torch.Tensor:
-    """Logits [n, vocab] of each sequence at its read position (batched, right padded, no grad)."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            seqs = sequences[start:start + batch_size]
-            ids, mask = pad_batch(lm, seqs)
-            rows = torch.arange(len(seqs))
-            pos = torch.as_tensor(positions[start:start + batch_size])
-            out.append(read_logits(lm, rows, pos, input_ids=ids, attention_mask=mask).float())
-    return torch.cat(out)
+def subject_span(lm, prompt: str, subject: str, *, start: int | None = None
+                 ) -> tuple[list[int], tuple[int, int]]:
+    """(prompt token ids, [start, end) token span of ``subject``'s first occurrence in the prompt).
+
+    The span comes from character offsets, so a token that carries the subject's leading space
+    (" Eiffel") belongs to the subject.  ``start``: look for the subject from this character on
+    (ROME's generated prefixes come before it).  The prompt is read as the model reads it
+    (:func:`check_prompt`).
+    """
+    prompt = check_prompt(lm, prompt)
+    if not isinstance(subject, str) or not subject.strip():
+        raise ValueError(f"empty subject: give the subject string, got {subject!r}")
+    subject = subject.strip()
+    begin = prompt.find(subject, start or 0)
+    if begin < 0:
+        raise ValueError(f"subject {subject!r} not found in prompt {prompt!r}")
+    end = begin + len(subject)
+    ids, offsets = _offsets(lm, prompt)
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and b > begin and a < end]
+    if not inside:
+        raise ValueError(f"subject {subject!r} covers no token of {prompt!r}")
+    return ids, (inside[0], inside[-1] + 1)
 
 
-def predict(lm, prompt: str, top_k: int = 5) -> list[tuple[str, float]]:
-    """Top-k next tokens (masked LM: tokens for the mask) with probabilities, best first.
-
-    ``top_k``: 1 .. the vocabulary size."""
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-    ids = prompt_ids(lm, prompt)
-    probs = logits_at(lm, [ids], [read_position(lm, ids)])[0].softmax(-1)
-    if top_k > probs.shape[-1]:
-        raise ValueError(f"top_k={top_k} exceeds the vocabulary of {probs.shape[-1]} tokens")
-    top = probs.topk(int(top_k))
-    return [(lm.tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
-
-
-def target_log_probs(lm, prompt: str, target: str) -> torch.Tensor:
-    """Log-probability of each target token, teacher forced: tensor [n_target_tokens]."""
-    spec = prepare(lm, prompt, target)
-    # Causal queries share one input: one forward, read at every teacher-forced position.
-    out = []
-    with torch.no_grad():
-        for ids, positions, target_ids in spec.groups():
-            logits = read_logits(lm, [0] * len(positions), positions,
-                                 input_ids=torch.tensor([ids], device=lm.device))
-            logp = logits.float().log_softmax(-1)
-            out.append(logp[torch.arange(len(positions)), torch.as_tensor(target_ids, device=logp.device)])
-    return torch.cat(out)
+def _offsets(lm, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` (special tokens included) and each token's character span."""
+    tok = lm.tokenizer
+    try:
+        enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        ids = list(tok(text, add_special_tokens=True)["input_ids"])
+    # slow tokenizer: rebuild offsets from the decoded pieces
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    offsets, pos = [], 0
+    for i in ids:
+        piece = "" if i in special else tok.decode([i]).strip()
+        found = text.find(piece, pos) if piece else -1
+        if found < 0:
+            offsets.append((0, 0))
+        else:
+            offsets.append((found, found + len(piece)))
+            pos = found + len(piece)
+    return ids, offsets
 
 
-def target_probability(lm, prompt: str, target: str) -> float:
-    """P(target | prompt); multi-token targets: the product over their teacher-forced tokens."""
-    return float(target_log_probs(lm, prompt, target).sum().exp())
+def __getattr__(name):
+    # logits_at / predict / target_log_probs / target_probability moved to kn_utils.scoring (which imports
+    # this module); the old import path keeps working.
+    if name in ("logits_at", "predict", "target_log_probs", "target_probability"):
+        from . import scoring
+        return getattr(scoring, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,7 +37,7 @@ import torch
 from .checks import as_index, as_indices
 from .hooks import HookSet, batch_widener, modify, narrow_logits, record
 from .models import cache_kwarg, returned_cache
-from .targets import check_prompt, prepare, read_position
+from .targets import prepare, read_position, subject_span  # subject_span: re-exported
 
 KINDS = ("hidden", "mlp", "attn")
 TOKEN_CLASSES = ("first subject token", "middle subject tokens", "last subject token",
@@ -95,43 +95,6 @@ def _check_kind(kind):
 def _check_positive_int(name, value, minimum=1):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def subject_span(lm, prompt: str, subject: str) -> tuple[list[int], tuple[int, int]]:
-    """(prompt token ids, [start, end) token span of the first occurrence of ``subject``).
-
-    The span comes from character offsets, so a token that carries the subject's leading space
-    (" Eiffel") belongs to the subject.
-    """
-    prompt = check_prompt(lm, prompt)
-    if not isinstance(subject, str) or not subject.strip():
-        raise ValueError(f"empty subject: give the subject string to corrupt, got {subject!r}")
-    subject = subject.strip()
-    start = prompt.find(subject)
-    if start < 0:
-        raise ValueError(f"subject {subject!r} not found in prompt {prompt!r}")
-    end = start + len(subject)
-    tok = lm.tokenizer
-    try:
-        enc = tok(prompt, add_special_tokens=True, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-    except (NotImplementedError, TypeError, ValueError, KeyError):
-        ids, offsets = list(tok(prompt, add_special_tokens=True)["input_ids"]), None
-    if offsets is None:  # slow tokenizer: rebuild offsets from the decoded pieces
-        special = set(getattr(tok, "all_special_ids", []) or [])
-        offsets, pos = [], 0
-        for i in ids:
-            piece = "" if i in special else tok.decode([i])
-            found = prompt.find(piece.strip(), pos) if piece.strip() else -1
-            if found < 0:
-                offsets.append((0, 0))
-            else:
-                offsets.append((found, found + len(piece.strip())))
-                pos = found + len(piece.strip())
-    inside = [i for i, (a, b) in enumerate(offsets) if b > a and b > start and a < end]
-    if not inside:
-        raise ValueError(f"subject {subject!r} covers no token of {prompt!r}")
-    return ids, (inside[0], inside[-1] + 1)
 
 
 def noise_level(lm, subjects, factor: float = 3.0) -> float:

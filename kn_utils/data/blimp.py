@@ -17,14 +17,11 @@ How a pair becomes a prompt (the paper §3, REFERENCE.md §2):
 from __future__ import annotations
 
 import functools
-import math
 import re
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from . import BUILTIN_DIR, Loaded, data_root, read_jsonl, source_label, warn_builtin
 
@@ -442,107 +439,16 @@ def expand_templates(lm, uid: str = _DNA + "2", data_dir=None, n: int | None = N
 
 
 # --------------------------------------------------------------------------------------------------
-# Accuracy: P(good) > P(bad) at the read position (Fig 6b)
+# Scoring lives in kn_utils.scoring (data loaders do not run the model); the old names stay here.
 # --------------------------------------------------------------------------------------------------
-def pair_scores(lm, pairs: pd.DataFrame, *, batch_size: int = 32, neurons=None, factor: float = 0.0,
-                progress: bool = False) -> pd.DataFrame:
-    """``pairs`` with ``logp_good``, ``logp_bad`` (teacher-forced sums over target tokens) and ``correct``.
-
-    With ``neurons`` [(layer, neuron)], their activations are multiplied by ``factor`` (0 = Dai et
-    al.'s suppression, 2 = enhancement) at the positions where the targets are read, and only there.
-    All queries of all pairs are deduplicated by input and run in right-padded batches.
-    """
-    from tqdm.auto import tqdm
-
-    from ..hooks import intervene, neurons_by_layer
-    from ..targets import pad_batch, prepare
-
-    missing = {"prompt", "good", "bad"} - set(pairs.columns)
-    if missing:
-        raise ValueError(f"pairs needs the columns prompt, good, bad; missing {sorted(missing)}")
-    if len(pairs) == 0:
-        raise ValueError("pairs is empty")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    by_layer = neurons_by_layer(lm, neurons) if neurons is not None else {}
-    # forward input -> [(position, token, row, column)].  Without an intervention all queries on one
-    # input share a forward.  With one, each read position gets its own forward: a teacher-forced
-    # multi-token target must not see the neurons scaled at the *other* tokens' positions.
-    seqs: dict[tuple, list[tuple[int, int, int, int]]] = {}
-    for r, (prompt, good, bad) in enumerate(zip(pairs["prompt"], pairs["good"], pairs["bad"])):
-        for col, target in ((0, good), (1, bad)):
-            for q in prepare(lm, prompt, target).queries:
-                key = (q.input_ids, q.position if by_layer else -1)
-                seqs.setdefault(key, []).append((q.position, q.target_id, r, col))
-    order = sorted(seqs, key=lambda k: len(k[0]))  # similar lengths together: less padding
-    scores = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    with torch.no_grad():
-        starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc="BLiMP pairs", disable=not progress, leave=False):
-            batch = order[start:start + batch_size]
-            ids, mask = pad_batch(lm, [list(k[0]) for k in batch])
-            entries = [(b, *e) for b, s in enumerate(batch) for e in seqs[s]]
-            b_idx = torch.tensor([e[0] for e in entries], device=ids.device)
-            pos = torch.tensor([e[1] for e in entries], device=ids.device)
-            tok = torch.tensor([e[2] for e in entries], device=ids.device)
-            # with neurons every input has one read position (its key), where they are scaled
-            scaled = intervene(lm, neurons, factor, torch.tensor([k[1] for k in batch])) \
-                if by_layer else nullcontext()
-            with scaled:
-                logits = lm.model(input_ids=ids, attention_mask=mask).logits
-            logp = logits[b_idx, pos].float().log_softmax(-1).gather(1, tok[:, None])[:, 0]
-            rows = torch.tensor([e[3] for e in entries])
-            cols = torch.tensor([e[4] for e in entries])
-            scores.index_put_((rows, cols), logp.double().cpu(), accumulate=True)
-    out = pairs.copy()
-    out["logp_good"] = scores[:, 0].numpy()
-    out["logp_bad"] = scores[:, 1].numpy()
-    out["correct"] = out["logp_good"] > out["logp_bad"]
-    return out
+_MOVED = {"pair_scores": "pair_scores", "accuracy": "blimp_accuracy", "trace_items": "trace_items"}
 
 
-def trace_items(lm, uid: str, corrupt: str, n: int, data_dir=None, *, pool: int = 100,
-                source: str = "auto") -> pd.DataFrame:
-    """Agreement prompts to trace: ``prompt``, ``subject`` (the word to corrupt), ``target`` (the good form).
-
-    ``corrupt``: "determiner" (determiner–noun agreement) or "subject" (subject–verb agreement).
-    Of the first ``pool`` usable pairs whose corrupted word occurs once in the prompt, as a whole word
-    (so its token span is unambiguous), the ``n`` whose good form the model finds likeliest: a trace
-    measures how much of the clean probability the noise removes, and a small model gives most
-    specific nouns and verbs next to none.  Also ``p_target`` (teacher-forced, whole form), ``group``.
-    """
-    if corrupt not in ("determiner", "subject"):
-        raise ValueError(f"corrupt must be 'determiner' or 'subject', got {corrupt!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    pairs = minimal_pairs(lm, uid, data_dir=data_dir, n=max(pool, n), source=source)
-    keep = []
-    for i, (prompt, word) in enumerate(zip(pairs["prompt"], pairs[corrupt])):
-        if not word:
-            continue
-        found = [m.start() for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", prompt)]
-        if len(found) == 1 and prompt.find(word) == found[0]:
-            keep.append(i)
-    if not keep:
-        raise ValueError(f"{pairs.attrs['uid']}: no pair of the first {len(pairs)} has a {corrupt} "
-                         f"occurring once in its prompt")
-    scored = pair_scores(lm, pairs.iloc[keep].reset_index(drop=True))
-    scored = scored.sort_values("logp_good", ascending=False, kind="stable").head(n)
-    out = pd.DataFrame({"prompt": scored["prompt"], "subject": scored[corrupt],
-                        "target": scored["good_token"], "p_target": scored["logp_good"].map(math.exp),
-                        "group": scored["group"]}).reset_index(drop=True)
-    out.attrs.update(uid=pairs.attrs["uid"], data_source=pairs.attrs["data_source"], corrupted=corrupt,
-                     pool=len(keep))
-    return out
-
-
-def accuracy(lm, pairs: pd.DataFrame, **kwargs) -> float:
-    """Fraction of pairs with P(good) > P(bad) at the read position (the paper's Fig 6b measure).
-
-    Multi-token targets compare the teacher-forced products.  ``kwargs`` go to :func:`pair_scores`
-    (``neurons=``, ``factor=`` to measure under a suppression, ``batch_size=``).
-    """
-    return float(pair_scores(lm, pairs, **kwargs)["correct"].mean())
+def __getattr__(name):
+    if name in _MOVED:
+        from .. import scoring   # lazily: scoring imports this module's loaders
+        return getattr(scoring, _MOVED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["ALL_UIDS", "PAPER_PARADIGMS", "SHORT_NAMES", "accuracy", "builtin_paradigms",

@@ -15,10 +15,10 @@ import math
 import pandas as pd
 import torch
 from scipy import stats
-from tqdm.auto import tqdm
 
 from ..hooks import intervene, neurons_by_layer
-from ..targets import MASK_PLACEHOLDER, pad_batch, prepare, prompt_ids, read_position
+from ..scoring import read_queries
+from ..targets import MASK_PLACEHOLDER, Query, prepare, prompt_ids, read_position
 from .base import WeightEdit
 
 __all__ = ["measure_intervention", "intervention_summary", "intervene", "kn_edit", "kn_erase",
@@ -69,34 +69,20 @@ def measure_intervention(lm, prompts, tokens, neurons, *, mode: str = "suppress"
     positions = _positions_spec(positions)
     neurons_by_layer(lm, neurons)
     scale = 0.0 if mode == "suppress" else float(factor)
+    scale_at = {"target": "read", -1: "last", None: "all"}[positions]
 
-    seqs = [prompt_ids(lm, p) for p in prompts]
-    reads = [read_position(lm, s) for s in seqs]
-    token_ids = [[first_token_id(lm, t, p) for t in tokens] for p in prompts]
-
-    rows = []
-    with torch.no_grad():
-        for start in tqdm(range(0, len(prompts), batch_size), desc="intervention",
-                          disable=not progress):
-            sl = slice(start, start + batch_size)
-            ids, mask = pad_batch(lm, seqs[sl])
-            read = torch.as_tensor(reads[sl], device=ids.device)
-            r = torch.arange(len(read), device=ids.device)
-            if positions == "target":
-                where = read
-            elif positions == -1:
-                where = mask.sum(1) - 1
-            else:
-                where = None
-            pre = lm.model(input_ids=ids, attention_mask=mask).logits[r, read].float().softmax(-1)
-            with intervene(lm, neurons, scale, where):
-                post = lm.model(input_ids=ids, attention_mask=mask).logits[r, read].float().softmax(-1)
-            tid = torch.as_tensor(token_ids[sl], device=ids.device)
-            pre_p, post_p = pre.gather(1, tid).cpu(), post.gather(1, tid).cpu()
-            for i, prompt in enumerate(prompts[sl]):
-                for j, token in enumerate(tokens):
-                    rows.append((prompt, token, int(tid[i, j]), float(pre_p[i, j]),
-                                 float(post_p[i, j])))
+    # one query per (prompt, candidate): the candidate's first token at the prompt's read position
+    queries = []
+    for p in prompts:
+        ids = tuple(prompt_ids(lm, p))
+        read = read_position(lm, ids)
+        queries += [Query(ids, read, first_token_id(lm, t, p)) for t in tokens]
+    pre, _ = read_queries(lm, queries, batch_size=batch_size, progress=progress)
+    post, _ = read_queries(lm, queries, neurons=neurons, factor=scale, scale_at=scale_at,
+                           batch_size=batch_size, progress=progress)
+    pre, post = pre.exp().tolist(), post.exp().tolist()
+    rows = [(prompt, token, queries[k].target_id, pre[k], post[k])
+            for k, (prompt, token) in enumerate((p, t) for p in prompts for t in tokens)]
     return pd.DataFrame(rows, columns=["prompt", "token", "token_id", "pre", "post"])
 
 

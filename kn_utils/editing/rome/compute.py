@@ -26,26 +26,6 @@ KL_PROMPT = "{} is a"
 # --------------------------------------------------------------------------------------------------
 # requests → token positions
 # --------------------------------------------------------------------------------------------------
-def _subject_last_index(lm, text: str, subject_end: int) -> int:
-    """Index (in ``tokenizer(text, add_special_tokens=True)``) of the token holding char subject_end-1."""
-    tok = lm.tokenizer
-    if getattr(tok, "is_fast", False):
-        enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
-        best = None
-        for i, (start, end) in enumerate(enc["offset_mapping"]):
-            if end > start and start < subject_end:
-                best = i
-            if start >= subject_end and end > start:
-                break
-        if best is not None:
-            return best
-    # Slow tokenizers: leading special tokens plus the tokens of the text up to the subject's end.
-    special = set(getattr(tok, "all_special_ids", []) or [])
-    full = tok(text, add_special_tokens=True)["input_ids"]
-    lead = next((i for i, t in enumerate(full) if t not in special), 0)
-    return lead + len(tok(text[:subject_end], add_special_tokens=False)["input_ids"]) - 1
-
-
 @dataclass
 class _Row:
     ids: list[int]
@@ -57,12 +37,9 @@ class _Row:
 def _rows(lm, template: str, prompt: str, subject: str, target: str | None) -> list[_Row]:
     """Rows for ``template.format(prompt)``; with a target, its teacher-forced queries."""
     checked = tg.check_prompt(lm, template.format(prompt))
-    # The generated prefix holds no mask, so the subject is found after it even when a mask before
-    # the subject was rewritten (RoBERTa's "<mask>").
-    start = checked.find(subject, template.index("{}"))
-    if start < 0:
-        raise ValueError(f"subject {subject!r} not in prompt {checked!r}")
-    s_idx = _subject_last_index(lm, checked, start + len(subject))
+    # The subject is looked for after the generated prefix (which holds no mask), so it is found
+    # even when a mask before the subject was rewritten (RoBERTa's "<mask>").
+    s_idx = tg.subject_span(lm, checked, subject, start=template.index("{}"))[1][1] - 1
     if target is None:
         return [_Row(tg.prompt_ids(lm, checked), s_idx, [], [])]
     spec = tg.prepare(lm, checked, target)
