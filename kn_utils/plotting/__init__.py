@@ -7,6 +7,10 @@ shows it inline right away as a PNG at :data:`INLINE_DPI` — so a cell that dra
 each of them, not only its last expression.  End such a cell with ``;`` or a table, not with the
 figure (a figure as the last expression would be shown a second time once pyplot is imported).
 
+Where files go: ``folder=`` when given, else :func:`figures_dir`: ``$KN_FIGURES_DIR``, else the source
+checkout's ``figures/`` when the package runs from one, else ``./figures`` of the current directory
+(an installed wheel has no checkout; a figure never goes into site-packages).
+
 Attribution / localisation figures live in ``plotting/attribution.py``, causal-trace and editing
 figures in ``plotting/tracing.py``; both are re-exported here.
 """
@@ -15,14 +19,34 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-FIGURES_DIR = Path(__file__).resolve().parents[2] / "figures"
+from ..resources import checkout_root
+from ..settings import env
+
+FIGURES_ENV = "KN_FIGURES_DIR"
 SAVE_DPI = 150    # PNG files in figures/
 INLINE_DPI = 90   # images embedded in notebooks: keeps an executed notebook at a few MB
 
 
+def figures_dir() -> Path:
+    """Where figures go without ``folder=``: ``$KN_FIGURES_DIR``, else ``figures/`` of the source
+    checkout, else ``./figures`` (read at each call, so a changed variable counts)."""
+    value = env(FIGURES_ENV)
+    if value is not None:
+        return Path(value).expanduser()
+    root = checkout_root()
+    return root / "figures" if root is not None else Path.cwd() / "figures"
+
+
+def __getattr__(name):
+    # FIGURES_DIR was a constant; it is kept for old callers and now follows figures_dir()
+    if name == "FIGURES_DIR":
+        return figures_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def save_figure(fig, name: str, folder=None) -> list[Path]:
-    """Write ``fig`` as ``<folder>/<name>.png`` and ``.pdf`` (folder default: the repo's figures/)."""
-    folder = Path(folder) if folder else FIGURES_DIR
+    """Write ``fig`` as ``<folder>/<name>.png`` and ``.pdf`` (folder default: :func:`figures_dir`)."""
+    folder = Path(folder) if folder else figures_dir()
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
     for path in paths:
