@@ -129,3 +129,27 @@ def test_installed_wheel_finds_its_resources_outside_the_repository(tmp_path):
     assert got["saved"] == [str(work / "figures" / "wheel_probe.png"), str(work / "figures" / "wheel_probe.pdf")]
     assert all(Path(p).stat().st_size > 0 for p in got["saved"])
     assert not list(target.rglob("wheel_probe.*"))  # nothing written into the installed package
+
+
+# ---------------------------------------------------------------------------- one plotting convention
+def test_every_plot_function_takes_save_and_folder():
+    import inspect
+
+    for fname in kp.__all__ if hasattr(kp, "__all__") else dir(kp):
+        if not fname.startswith("plot_"):
+            continue
+        params = inspect.signature(getattr(kp, fname)).parameters
+        assert "save" in params and "folder" in params, fname
+
+
+def test_old_name_argument_still_saves_with_a_deprecation_warning(tmp_path):
+    import pandas as pd
+
+    sweep = pd.DataFrame({"layer": [0, 1], "efficacy": [0.5, 1.0], "paraphrase": [0.2, 0.4]})
+    kp.plot_edit_success_by_layer(sweep, save="new", folder=tmp_path)
+    with pytest.warns(DeprecationWarning, match=r"plot_edit_success_by_layer\(name=...\) is deprecated"):
+        kp.plot_edit_success_by_layer(sweep, name="old", folder=tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"new.png", "new.pdf", "old.png", "old.pdf"}
+    with pytest.raises(TypeError, match="pass only save="):
+        kp.plot_edit_success_by_layer(sweep, save="a", name="b", folder=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 4

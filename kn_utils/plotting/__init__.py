@@ -78,9 +78,24 @@ def show(fig) -> None:
     display(Image(data=buf.getvalue(), format="png"))
 
 
+def save_name(save, name, where: str):
+    """The file name a plot function was given: ``save=``, or the old ``name=`` of the causal-trace
+    figures (still accepted, with a DeprecationWarning; both at once is an error)."""
+    if name is None:
+        return save
+    if save is not None:
+        raise TypeError(f"{where}() got save={save!r} and name={name!r}: pass only save= (name= is its "
+                        f"old spelling)")
+    import warnings
+
+    warnings.warn(f"{where}(name=...) is deprecated: use save=... (every plot function's argument)",
+                  DeprecationWarning, stacklevel=3)
+    return name
+
+
 def finish(fig, name, folder=None):
-    """The end of every plot function: save ``fig`` when ``name`` is given (the functions' ``save=`` /
-    ``name=`` argument), show it inline in a notebook, return it."""
+    """The end of every plot function: save ``fig`` when ``name`` (the function's ``save=``) is given,
+    show it inline in a notebook, return it."""
     if name:
         save_figure(fig, name, folder)
     show(fig)

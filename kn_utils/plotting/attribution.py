@@ -2,7 +2,7 @@
 
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (no global state, no
 double display in notebooks) and, given ``save="name"``, writes it with
-:func:`kn_utils.plotting.save_figure` to ``folder`` (default figures/).
+:func:`kn_utils.plotting.save_figure` to ``folder`` (default :func:`kn_utils.plotting.figures_dir`).
 """
 from __future__ import annotations
 
