@@ -52,7 +52,7 @@ class ParadigmLocalisation:
 def localise_paradigm(lm, uid, *, n: int, eval_n: int | None = None, steps: int = 20,
                       threshold: float = 0.2, tau: float = 0.7, adaptive: bool = True, data_dir=None,
                       tau_mode: str = "strict", pairs: pd.DataFrame | None = None,
-                      progress: bool = True) -> ParadigmLocalisation:
+                      accuracy: bool = True, progress: bool = True) -> ParadigmLocalisation:
     """KN search per group of one BLiMP paradigm (``uid``: a UID or short name such as ``"dna_1"``).
 
     ``n``: prompts per group (>= 2: R²₁ and tau need several); ``eval_n``: pairs for BLiMP accuracy
@@ -60,6 +60,7 @@ def localise_paradigm(lm, uid, *, n: int, eval_n: int | None = None, steps: int 
     ``adaptive``, ``tau_mode``: as in :func:`~kn_utils.attribution.find_knowledge_neurons`.
     ``pairs``: the paradigm's :func:`~kn_utils.data.blimp.minimal_pairs` table when the caller already
     has it (a notebook that loaded it for other cells); by default it is loaded from ``data_dir``.
+    ``accuracy=False`` skips the BLiMP accuracy runs (the summary then has no accuracy fields).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n (prompts per group, --n) must be an integer >= 2 (R²₁ and tau need several "
@@ -104,14 +105,15 @@ def localise_paradigm(lm, uid, *, n: int, eval_n: int | None = None, steps: int 
                "threshold": threshold, "tau_start": tau, "groups": {}}
     if tau_mode != "strict":  # the default leaves the JSON as it was
         summary["tau_mode"] = tau_mode
-    before = blimp.accuracy(lm, ev)
+    before = blimp.accuracy(lm, ev) if accuracy else None
     for group, res in results.items():
-        after = blimp.accuracy(lm, ev, neurons=res.neurons) if res.neurons else before
-        summary["groups"][str(group)] = {
+        info = summary["groups"][str(group)] = {
             "n_prompts": res.n_prompts, "neurons": [list(x) for x in res.neurons], "tau": res.tau,
             "kn_count_tau_start": res.n_initial, "r2": res.r2, "converged": res.converged,
-            "message": res.message, "accuracy_before": before, "accuracy_after_suppression": after,
-            "eval_pairs": len(ev)}
+            "message": res.message}
+        if accuracy:
+            after = blimp.accuracy(lm, ev, neurons=res.neurons) if res.neurons else before
+            info.update(accuracy_before=before, accuracy_after_suppression=after, eval_pairs=len(ev))
     group_table, prompt_table = pd.DataFrame(group_rows), pd.DataFrame(prompt_rows)
     for table in (group_table, prompt_table):
         table.attrs["data_source"] = pairs.attrs["data_source"]

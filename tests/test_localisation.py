@@ -50,9 +50,11 @@ def test_given_pairs_and_tau_mode_pass_through(tiny, data_dir, monkeypatch):
     real = localisation.find_knowledge_neurons
     monkeypatch.setattr(localisation, "find_knowledge_neurons",
                         lambda *a, **k: seen.append(k["tau_mode"]) or real(*a, **k))
+    monkeypatch.setattr(blimp, "accuracy", lambda *a, **k: pytest.fail("accuracy=False"))
     loc = localisation.localise_paradigm(lm, UID, n=2, eval_n=2, steps=2, pairs=pairs,
-                                         tau_mode="paper", progress=False)
+                                         tau_mode="paper", accuracy=False, progress=False)
     assert seen == ["paper"] * len(loc.results) and loc.summary["tau_mode"] == "paper"
+    assert all("accuracy_before" not in info for info in loc.summary["groups"].values())
 
 
 @pytest.mark.parametrize("kwargs, match", [({"n": 1}, r"n \(prompts per group, --n\) must be an integer >= 2"),
