@@ -333,6 +333,7 @@ def test_figures_are_written(peaky, tmp_path):
     assert plt.get_fignums() == []  # built without pyplot: nothing left open in a script
 
 
+@pytest.mark.slow  # the CLI end to end
 def test_trace_command(tmp_path):
     from kn_utils.cli import main
     from tiny_models import save_tiny
