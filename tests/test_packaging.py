@@ -29,7 +29,6 @@ def test_builtin_data_is_package_data():
     assert pararel.BUILTIN_BAGS.parent == package / "builtin"
     assert counterfact.BUILTIN_KNOWN.parent == package / "builtin"
     assert evaluation.synonyms() == json.loads((package / "synonyms.json").read_text())["field_to_occupation"]
-    assert not (ROOT / "data").exists()  # one copy only
 
 
 def test_checkout_is_recognised_by_its_pyproject(tmp_path, monkeypatch):
