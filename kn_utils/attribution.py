@@ -368,7 +368,14 @@ class KNResult:
         return len(self.neurons)
 
 
-def _refine(counts: Counter, n_prompts: int, tau: float) -> set[tuple[int, int]]:
+TAU_MODES = ("strict", "paper")
+
+
+def _refine(counts: Counter, n_prompts: int, tau: float, mode: str = "strict") -> set[tuple[int, int]]:
+    if mode == "paper":
+        # The paper code's test as it runs: its tau was stepped in floating point (see
+        # find_knowledge_neurons), so 0.7 - 0.05 = 0.6499999... admits 13 of 20 prompts.
+        return {nrn for nrn, c in counts.items() if c > n_prompts * tau}
     # "More than tau of the prompts"; the epsilon stops 0.65 * 20 = 12.999... from admitting 13/20.
     return {nrn for nrn, c in counts.items() if c > tau * n_prompts + 1e-9}
 
@@ -392,7 +399,7 @@ def find_knowledge_neurons(lm, prompts, target, *, threshold: float = 0.2, mode:
                            max_neurons: int = 5, tau_step: float = 0.05, max_iter: int = 20,
                            negative_prompts=None, negative_targets=None, steps: int = 20,
                            maps=None, negative_maps=None, return_scores: bool = False,
-                           progress: bool = True) -> KNResult:
+                           progress: bool = True, tau_mode: str = "strict") -> KNResult:
     """Dai et al.'s knowledge neurons of ``prompts`` (all expressing one fact / one syntactic pattern).
 
     Coarse neurons per prompt (:func:`coarse_neurons` with ``threshold``/``mode``); a neuron is kept
@@ -403,6 +410,13 @@ def find_knowledge_neurons(lm, prompts, target, *, threshold: float = 0.2, mode:
     never the union of coarse neurons.  ``negative_prompts``: neurons that are also knowledge
     neurons (at the starting ``tau``) of these prompts are removed; ``negative_targets`` default to
     ``target`` when it is one string.  ``maps`` / ``negative_maps``: precomputed attribution maps.
+
+    ``tau_mode``: ``"strict"`` (default) keeps a neuron coarse in more than ``tau`` of the prompts with
+    ``tau`` exactly ``start + k * tau_step``; ``"paper"`` reproduces the paper's code, which steps
+    ``tau`` by repeated floating-point addition (``p -= 0.05``) and tests ``count > n * tau``: after a
+    step down ``tau`` is a hair below the round value, so a neuron coarse in exactly ``tau * n``
+    prompts is kept, and the reported ``.tau`` / ``.history`` are those floating-point values.  The two
+    differ only where ``tau * n`` is an integer.
     """
     prompts = _as_prompts(prompts)
     targets = _as_targets(prompts, target)
@@ -413,6 +427,8 @@ def find_knowledge_neurons(lm, prompts, target, *, threshold: float = 0.2, mode:
     _check_threshold(threshold, mode)
     if not (isinstance(min_neurons, int) and isinstance(max_neurons, int) and 0 <= min_neurons <= max_neurons):
         raise ValueError(f"need 0 <= min_neurons <= max_neurons, got {min_neurons}, {max_neurons}")
+    if tau_mode not in TAU_MODES:
+        raise ValueError(f"tau_mode must be one of {', '.join(map(repr, TAU_MODES))}, got {tau_mode!r}")
     if not tau_step > 0 or not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"tau_step must be > 0 and max_iter an integer >= 0, got {tau_step}, {max_iter}")
     neg_prompts = neg_targets = None
@@ -441,14 +457,15 @@ def find_knowledge_neurons(lm, prompts, target, *, threshold: float = 0.2, mode:
                              "negative_maps")
         neg_counts = Counter(nrn for m in neg_maps
                              for nrn in coarse_neurons(m, threshold=threshold, mode=mode))
-        negative = _refine(neg_counts, len(neg_prompts), tau)
+        negative = _refine(neg_counts, len(neg_prompts), tau, tau_mode)
 
     def refined(t):
-        return _refine(counts, n, t) - negative
+        return _refine(counts, n, t, tau_mode) - negative
 
     n_initial = len(refined(tau))
     ok = lambda k: min_neurons <= k <= max_neurons  # noqa: E731
-    # tau_k is recomputed from the start value every time (no accumulated float drift).
+    # strict: tau_k is recomputed from the start value every time (no accumulated float drift);
+    # paper: the drift is the point, tau_k = tau_(k-1) +- tau_step as the paper's code computes it.
     k, current = 0, refined(tau)
     history = [(round(tau, 10), len(current))]
     converged, message, t = ok(len(current)), "", tau
@@ -456,7 +473,7 @@ def find_knowledge_neurons(lm, prompts, target, *, threshold: float = 0.2, mode:
         direction = 1 if len(current) > max_neurons else -1
         for _ in range(max_iter):
             k += direction
-            t_new = round(tau + k * tau_step, 10)
+            t_new = t + direction * tau_step if tau_mode == "paper" else round(tau + k * tau_step, 10)
             if not 0 <= t_new <= 1:
                 message = (f"tau left [0, 1] before {min_neurons}-{max_neurons} neurons remained: "
                            f"tau={t} keeps {len(current)}")

@@ -25,7 +25,7 @@ Criteria (``_pre`` columns hold the unedited model's value, for reference):
 * symmetry (P36, P1376) — the reverse question about t*: P36 "t* is the capital of" → S, P1376
   "The capital of t* is" → S; prob: P(S) > P(S′) with S′ the true answer for t* (the subject of the
   item t* came from); acc: token accuracy of S.
-* synonym (P101) — "S is a famous" → occupation(t*) vs occupation(t) via ``data/synonyms.json``;
+* synonym (P101) — "S is a famous" → occupation(t*) vs occupation(t) via ``kn_utils/resources/synonyms.json``;
   items whose fields have no occupation are skipped and counted (``df.attrs["n_skipped"]``).
 
 ``known`` flags items whose fact the unedited model knows (greedy decoding gives the object);
@@ -67,7 +67,7 @@ PAPER_TABLE1 = {
 
 @lru_cache(maxsize=1)
 def synonyms() -> dict[str, str]:
-    """Field of work → occupation (``data/synonyms.json``)."""
+    """Field of work → occupation (``kn_utils/resources/synonyms.json``)."""
     with open(SYNONYMS_FILE, encoding="utf-8") as f:
         return dict(json.load(f)["field_to_occupation"])
 

@@ -222,7 +222,7 @@ def trace(lm, prompt: str, subject: str, *, samples: int = 10, noise="s3", targe
         raise ValueError(f"kinds must be a non-empty subset of {TRACE_KINDS}, got {kinds!r}")
     traces = {k: causal_trace(lm, prompt, subject, kind=k, samples=samples, noise=noise, target=target,
                               window=window, progress=progress) for k in kinds}
-    plot_trace_panels(traces, name=save, folder=folder, model_name=lm.name)
+    plot_trace_panels(traces, save=save, folder=folder, model_name=lm.name)
     return traces
 
 

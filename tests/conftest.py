@@ -13,6 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(env("KN_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 
+def pytest_collection_modifyitems(config, items):
+    # The test tiers' one rule that needs no decorator: whatever uses the real default model is slow
+    # (pytest -m "not slow" / make test-fast runs tiny random models only).  Notebook, report, CLI
+    # end-to-end and wheel tests carry @pytest.mark.slow themselves.
+    for item in items:
+        if "default_lm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def default_lm():
     """The real embedded SmolLM2-135M-Instruct (converted once into the kn_utils cache)."""

@@ -18,7 +18,7 @@ def fresh_checkout(tmp_path) -> tuple[Path, dict]:
     beside it, and the kernel environment that imports that copy with ``KN_DATA_DIR`` unset: the
     notebooks then see no data folder at all, as on a fresh machine."""
     root = tmp_path / "fresh" / "kn_utils_repo"
-    for name in ("kn_utils", "data"):
+    for name in ("kn_utils",):  # the built-in data is package data inside it
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for nb in ROOT.glob("*.ipynb"):
         shutil.copy(nb, root / nb.name)

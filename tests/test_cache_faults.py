@@ -100,6 +100,7 @@ print(models.cached_folder(target, build))
 """
 
 
+@pytest.mark.slow  # subprocesses / a statistics pass
 def test_two_processes_loading_at_once_build_one_folder(tmp_path):
     target, log, go = tmp_path / "models" / "m", tmp_path / "log", tmp_path / "go"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -157,6 +158,7 @@ models.cached_folder(Path(sys.argv[1]), build)
 """
 
 
+@pytest.mark.slow  # subprocesses / a statistics pass
 def test_a_killed_conversion_leaves_nothing_behind_a_live_one_is_untouched(tmp_path):
     target = tmp_path / "models" / "m"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -219,6 +221,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow  # 12 cases, each builds and loads a model folder twice
 @pytest.mark.parametrize("legacy", [False, True], ids=["manifest", "no manifest"])
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_cached_model_is_rebuilt_with_a_warning(tmp_path, damage, legacy):
@@ -361,6 +364,7 @@ def test_rome_refuses_nan_statistics_and_changes_no_weight(tmp_cache, monkeypatc
     assert ku.hook_count(lm.model) == 0
 
 
+@pytest.mark.slow  # subprocesses / a statistics pass
 def test_same_weights_in_two_folders_share_one_statistics_file(tmp_cache, tmp_path, data_dir, stats_passes):
     a = save_tiny("llama", tmp_path / "a")
     b = shutil.copytree(a, tmp_path / "elsewhere" / "b")

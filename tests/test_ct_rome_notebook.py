@@ -2,6 +2,8 @@
 real model's tokenizer): once with no data folder at all, once with the data sets."""
 from pathlib import Path
 
+import pytest
+
 from kn_utils.notebooks import error_outputs, run_notebook
 from notebook_runs import cells_without_figure, fresh_checkout, stream_text
 from tiny_models import save_tiny
@@ -11,6 +13,8 @@ NOTEBOOK = ROOT / "ct_rome.ipynb"
 FIGURES = ("your_prompt_trace", "ct_fact", "ct_dna", "ct_sva", "aie_facts", "aie_dna", "aie_sva")
 TINY = dict(DEVICE="cpu", SAMPLES=1, N_FACTS=1, N_ITEMS=1, N_EDITS=1, RELATIONS=["P36"], EDITORS=["rome", "kn"],
             ONLY_CORRECT=False)
+
+pytestmark = pytest.mark.slow  # each test executes the notebook (tiers: see conftest.py)
 
 
 def _run(tmp_path, notebook, params, env):

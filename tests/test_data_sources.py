@@ -234,6 +234,7 @@ def _demo_env(**extra):
     return env
 
 
+@pytest.mark.slow  # python -m kn_utils demo in a subprocess
 def test_demo_stops_early_on_a_missing_data_folder(tmp_path):
     missing = tmp_path / "nowhere"
     out = subprocess.run([sys.executable, "-m", "kn_utils", "demo"], cwd=tmp_path, capture_output=True,

@@ -14,6 +14,8 @@ NOTEBOOK = ROOT / "localise_kn.ipynb"
 TINY = dict(DEVICE="cpu", N_PROMPTS=2, N_EVAL=6, N_FACTS=1, N_PAIRS=4, IG_STEPS=2, RELATIONS=["P36"])
 YOURS = ("your_prompt_attribution", "your_prompt_kns", "your_prompt_suppress", "your_prompt_enhance")
 
+pytestmark = pytest.mark.slow  # notebook runs and the CLI end to end (the library: test_localisation.py)
+
 
 def _text(nb) -> str:
     out = []

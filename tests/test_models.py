@@ -62,6 +62,7 @@ def test_gguf_is_converted_once_then_loaded_from_cache(tmp_path, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # a fresh interpreter importing transformers
 def test_offline_hub_id_gives_a_clear_error():
     code = ("import kn_utils as ku\n"
             "try:\n    ku.load_model('gpt2-xl')\n"

@@ -89,6 +89,7 @@ def _stdout(nb):
     return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream")
 
 
+@pytest.mark.slow  # executes both notebooks
 def test_parameters_injection_in_place_and_inline_figures(tmp_path):
     plot = ("import torch\nfrom kn_utils.plotting import attribution as pa\n"
             "for i in range(2):\n    pa.plot_attribution_heatmap(torch.arange(60.).reshape(3, 20) * (i + 1), width=2)\n"

@@ -315,15 +315,15 @@ def test_figures_are_written(peaky, tmp_path):
     prompt, subject = PROMPTS["causal"]
     traces = {k: causal_trace(lm, prompt, subject, kind=k, samples=2, noise=0.3, window=2)
               for k in ("hidden", "mlp", "attn")}
-    fig = plot_trace_panels(traces, name="panels", folder=tmp_path)
+    fig = plot_trace_panels(traces, save="panels", folder=tmp_path)
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     b, e = traces["hidden"].subject_range
     assert [lab.endswith("*") for lab in labels] == [b <= i < e for i in range(len(labels))]
-    plot_trace(traces["mlp"], name="single", folder=tmp_path)
+    plot_trace(traces["mlp"], save="single", folder=tmp_path)
     aie = {k: aggregate_traces([tr]) for k, tr in traces.items()}
-    plot_aie(aie, name="aie", folder=tmp_path)
+    plot_aie(aie, save="aie", folder=tmp_path)
     sweep = pd.DataFrame({"layer": [0, 1, 2], "efficacy": [1.0, 0.9, 0.5], "paraphrase": [0.5, 0.4, 0.1]})
-    plot_edit_success_by_layer(sweep, name="sweep", folder=tmp_path)
+    plot_edit_success_by_layer(sweep, save="sweep", folder=tmp_path)
     for name in ("panels", "single", "aie", "sweep"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0 and (tmp_path / f"{name}.pdf").exists()
     with pytest.raises(ValueError):
@@ -333,6 +333,7 @@ def test_figures_are_written(peaky, tmp_path):
     assert plt.get_fignums() == []  # built without pyplot: nothing left open in a script
 
 
+@pytest.mark.slow  # the CLI end to end
 def test_trace_command(tmp_path):
     from kn_utils.cli import main
     from tiny_models import save_tiny

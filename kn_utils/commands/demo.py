@@ -44,7 +44,7 @@ def run(args) -> int:
     print(lm)
     print(f"data sets: {root}" if root is not None else
           "data sets: none found (KN_DATA_DIR unset, no ../shared/data): the notebooks use the built-in "
-          "mini sets under data/builtin/ and say so")
+          "mini sets under kn_utils/resources/builtin/ and say so")
     print(f"\nTop-{args.top_k} next tokens")
     for prompt, _ in FACTS:
         shown = ", ".join(f"{tok!r} {p:.3f}" for tok, p in ku.predict(lm, prompt, args.top_k))

@@ -13,6 +13,9 @@ refined into KNs (adaptive τ).  Written under ``--out``:
 * ``localise_<UID>_prompts.csv`` per prompt: top neuron and score, coarse-neuron count, the summed
   score of the group's KNs;
 * ``figures/``  attribution heatmaps around the KNs and the KNs' layer distribution.
+
+The search itself is :func:`kn_utils.localisation.localise_paradigm`; this module only parses the
+arguments, writes its tables and draws its figures.
 """
 from __future__ import annotations
 
@@ -20,8 +23,7 @@ import json
 import re
 from pathlib import Path
 
-import pandas as pd
-from tqdm.auto import tqdm
+from ..localisation import localise_paradigm  # noqa: F401  (the library function; also importable here)
 
 HELP = "find knowledge neurons of BLiMP paradigms (per number) and write CSV/JSON and figures"
 
@@ -36,6 +38,9 @@ def add_arguments(parser):
     parser.add_argument("--threshold", type=float, default=0.2, help="coarse threshold, fraction of max")
     parser.add_argument("--tau", type=float, default=0.7, help="starting refinement threshold")
     parser.add_argument("--no-adaptive", action="store_true", help="keep tau fixed")
+    parser.add_argument("--tau-mode", choices=("strict", "paper"), default="strict",
+                        help="strict: more than tau of the prompts; paper: the paper code's "
+                             "floating-point tau steps")
     parser.add_argument("--data-dir", default=None, help="folder with blimp/ (default: $KN_DATA_DIR)")
     parser.add_argument("--out", default="results", help="output folder")
     parser.add_argument("--no-figures", action="store_true")
@@ -43,65 +48,6 @@ def add_arguments(parser):
 
 def _paradigms(values) -> list[str]:
     return [p.strip() for v in values for p in v.split(",") if p.strip()]
-
-
-def localise_paradigm(lm, uid, *, n, eval_n=None, steps=20, threshold=0.2, tau=0.7, adaptive=True,
-                      data_dir=None):
-    """KN search per group of one paradigm: (summary dict, groups DataFrame, prompts DataFrame, maps)."""
-    import torch
-
-    from ..attribution import attribution_maps, find_knowledge_neurons
-    from ..data import blimp
-    from ..plotting.attribution import neuron_label
-
-    if not isinstance(n, int) or n < 2:
-        raise ValueError(f"--n must be an integer >= 2 (R²₁ and tau need several prompts), got {n!r}")
-    uid = blimp.resolve_uid(uid, data_dir)
-    pairs = blimp.minimal_pairs(lm, uid, data_dir)
-    groups = [g for g in pd.unique(pairs["group"].dropna())] or [None]
-    group_rows, prompt_rows, maps, results = [], [], {}, {}
-    for group in tqdm(groups, desc=f"{uid} groups"):
-        sel = pairs if group is None else pairs[pairs["group"] == group]
-        sub = sel[sel["n_good_tokens"] == 1].head(n)
-        if len(sub) < 2:
-            continue
-        prompts, targets = list(sub["prompt"]), list(sub["good"])
-        maps[group] = attribution_maps(lm, prompts, targets, steps=steps, progress=True)
-        res = find_knowledge_neurons(lm, prompts, targets, maps=maps[group], threshold=threshold,
-                                     tau=tau, adaptive=adaptive, progress=False)
-        results[group] = res
-        group_rows.append({"paradigm": uid, "group": group, "n_prompts": len(sub),
-                           "kn_count_tau_start": res.n_initial, "tau": res.tau, "r2": res.r2,
-                           "n_neurons": len(res.neurons), "converged": res.converged,
-                           "neurons": " ".join(neuron_label(x) for x in res.neurons), "message": res.message})
-        kn_index = torch.tensor([[layer, unit] for layer, unit in res.neurons], dtype=torch.long)
-        for i, (prompt, target) in enumerate(zip(prompts, targets)):
-            m = maps[group][i]
-            flat = int(m.argmax())
-            kn_sum = float(m[kn_index[:, 0], kn_index[:, 1]].sum()) if len(kn_index) else 0.0
-            prompt_rows.append({"paradigm": uid, "group": group, "prompt": prompt, "target": target,
-                                "max_score": float(m.max()),
-                                "top_neuron": neuron_label((flat // m.shape[1], flat % m.shape[1])),
-                                "n_coarse": len(res.coarse[i]), "kn_score_sum": kn_sum})
-    if not results:
-        raise ValueError(f"{uid}: no group has two or more single-token pairs for {lm.name}")
-    ev = pairs.head(eval_n or n * len(results))
-    summary = {"model": lm.name, "paradigm": uid, "source": pairs.attrs["source"],
-               "data_source": pairs.attrs["data_source"],
-               "pairs_available": len(pairs), "skipped": pairs.attrs["n_skipped"], "steps": steps,
-               "threshold": threshold, "tau_start": tau, "groups": {}}
-    before = blimp.accuracy(lm, ev)
-    for group, res in results.items():
-        after = blimp.accuracy(lm, ev, neurons=res.neurons) if res.neurons else before
-        summary["groups"][str(group)] = {
-            "n_prompts": res.n_prompts, "neurons": [list(x) for x in res.neurons], "tau": res.tau,
-            "kn_count_tau_start": res.n_initial, "r2": res.r2, "converged": res.converged,
-            "message": res.message, "accuracy_before": before, "accuracy_after_suppression": after,
-            "eval_pairs": len(ev)}
-    tables = pd.DataFrame(group_rows), pd.DataFrame(prompt_rows)
-    for table in tables:
-        table.attrs["data_source"] = pairs.attrs["data_source"]
-    return summary, *tables, maps
 
 
 def run(args) -> int:
@@ -115,7 +61,7 @@ def run(args) -> int:
     for uid in _paradigms(args.paradigm):
         summary, groups, prompts, maps = localise_paradigm(
             lm, uid, n=args.n, eval_n=args.eval_n, steps=args.steps, threshold=args.threshold,
-            tau=args.tau, adaptive=not args.no_adaptive, data_dir=args.data_dir)
+            tau=args.tau, adaptive=not args.no_adaptive, data_dir=args.data_dir, tau_mode=args.tau_mode)
         uid = summary["paradigm"]
         (out / f"localise_{uid}.json").write_text(json.dumps(summary, indent=2))
         # a CSV keeps no attrs: the source goes in a column

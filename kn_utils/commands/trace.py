@@ -52,7 +52,7 @@ def run(args) -> int:
     table = pd.concat([r.to_frame() for r in results.values()], ignore_index=True)
     csv = out / f"{stem}.csv"
     table.to_csv(csv, index=False)
-    plot_trace_panels(results, name=stem, folder=out, model_name=lm.name)
+    plot_trace_panels(results, save=stem, folder=out, model_name=lm.name)
     first = next(iter(results.values()))
     print(f"answer {first.answer!r}: clean p={first.high_score:.4f}, corrupted p={first.low_score:.4f}")
     for kind, r in results.items():

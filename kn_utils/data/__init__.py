@@ -11,14 +11,17 @@ import json
 import warnings
 from pathlib import Path
 
+from ..resources import checkout_root, resource_dir
 from ..settings import env, env_flag, given
 
 DATA_ENV = "KN_DATA_DIR"
 # "0" turns off the look beside the checkout (tests of a machine without data; a fresh clone)
 SHARED_ENV = "KN_SHARED_DATA"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILTIN_DIR = REPO_ROOT / "data"  # data the project writes itself (synonyms, built-in sets)
-SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"  # the read-only data sets beside the checkout
+REPO_ROOT = checkout_root()  # None in an installed wheel
+# data the project writes itself (synonyms, built-in sets): package data, found in a wheel too
+BUILTIN_DIR = resource_dir()
+# the read-only data sets beside a source checkout; an installed wheel has no "beside"
+SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data" if REPO_ROOT is not None else None
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -29,8 +32,9 @@ class BuiltinDataWarning(UserWarning):
 def data_root(data_dir=None) -> Path | None:
     """The folder holding blimp/, pararel/, counterfact/, wikitext/ ... or None if there is none.
 
-    Order: the argument, ``$KN_DATA_DIR``, then ``../shared/data`` beside the checkout (unless
-    ``KN_SHARED_DATA=0``).  An empty argument or variable counts as not given; one that is given but
+    Order: the argument, ``$KN_DATA_DIR``, then ``../shared/data`` beside the source checkout (unless
+    ``KN_SHARED_DATA=0``; an installed wheel has no checkout, so only the first two).  An empty
+    argument or variable counts as not given; one that is given but
     is not a folder raises FileNotFoundError rather than being passed over.
     """
     if given(data_dir):
@@ -50,7 +54,7 @@ def data_root(data_dir=None) -> Path | None:
                 f"holding blimp/, pararel/, counterfact/, wikitext/, or unset it (unset {DATA_ENV}) to "
                 f"use ../shared/data beside the checkout or the built-in mini sets")
         return path
-    if env_flag(SHARED_ENV, True) and SHARED_DATA_DIR.is_dir():
+    if env_flag(SHARED_ENV, True) and SHARED_DATA_DIR is not None and SHARED_DATA_DIR.is_dir():
         return SHARED_DATA_DIR
     return None
 

@@ -2,7 +2,7 @@
 
 Where the rows come from, in order: ``<data_root>/blimp/<UID>.jsonl`` (see :func:`kn_utils.data.data_root`),
 the hub data set ``nyu-mll/blimp`` (only if the optional ``datasets`` package is installed), then the
-project's own small set ``data/builtin/blimp_mini.jsonl`` (our sentences in BLiMP's format, ~30 rows per
+project's own small set ``kn_utils/resources/builtin/blimp_mini.jsonl`` (our sentences in BLiMP's format, ~30 rows per
 paradigm the paper uses) so that everything runs without the real data.
 
 How a pair becomes a prompt (the paper §3, REFERENCE.md §2):

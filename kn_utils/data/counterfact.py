@@ -2,7 +2,7 @@
 
 Files come from ``data_root()/counterfact/`` (see ``shared/data/README.md``): ``known_1000.json`` and
 ``easyedit-split/counterfact-{train,val,edit}.json``.  Without them, :func:`load_known_facts` falls back
-to a small list the project writes itself (``data/builtin/known_facts.json``: landmarks, companies
+to a small list the project writes itself (``kn_utils/resources/builtin/known_facts.json``: landmarks, companies
 and people whose completion the default model gets right).
 """
 from __future__ import annotations

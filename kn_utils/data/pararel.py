@@ -152,7 +152,7 @@ def load_bags(relation: str, data_dir=None, n: int | None = None) -> list[Bag]:
     """The first ``n`` (all if None) fact bags of ``relation`` ("P36" or "P36(capital)").
 
     Reads ``<data_root>/pararel/data_all_allbags.json``; without a data directory, the built-in mini
-    set ``data/builtin/pararel_mini.json`` (a few bags of P36, P1376 and P101), with a
+    set ``kn_utils/resources/builtin/pararel_mini.json`` (a few bags of P36, P1376 and P101), with a
     :class:`~kn_utils.data.BuiltinDataWarning`.  The list's ``.source`` names the file and how many
     bags of the relation it holds.
     """

@@ -7,6 +7,10 @@ shows it inline right away as a PNG at :data:`INLINE_DPI` — so a cell that dra
 each of them, not only its last expression.  End such a cell with ``;`` or a table, not with the
 figure (a figure as the last expression would be shown a second time once pyplot is imported).
 
+Where files go: ``folder=`` when given, else :func:`figures_dir`: ``$KN_FIGURES_DIR``, else the source
+checkout's ``figures/`` when the package runs from one, else ``./figures`` of the current directory
+(an installed wheel has no checkout; a figure never goes into site-packages).
+
 Attribution / localisation figures live in ``plotting/attribution.py``, causal-trace and editing
 figures in ``plotting/tracing.py``; both are re-exported here.
 """
@@ -15,14 +19,34 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-FIGURES_DIR = Path(__file__).resolve().parents[2] / "figures"
+from ..resources import checkout_root
+from ..settings import env
+
+FIGURES_ENV = "KN_FIGURES_DIR"
 SAVE_DPI = 150    # PNG files in figures/
 INLINE_DPI = 90   # images embedded in notebooks: keeps an executed notebook at a few MB
 
 
+def figures_dir() -> Path:
+    """Where figures go without ``folder=``: ``$KN_FIGURES_DIR``, else ``figures/`` of the source
+    checkout, else ``./figures`` (read at each call, so a changed variable counts)."""
+    value = env(FIGURES_ENV)
+    if value is not None:
+        return Path(value).expanduser()
+    root = checkout_root()
+    return root / "figures" if root is not None else Path.cwd() / "figures"
+
+
+def __getattr__(name):
+    # FIGURES_DIR was a constant; it is kept for old callers and now follows figures_dir()
+    if name == "FIGURES_DIR":
+        return figures_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def save_figure(fig, name: str, folder=None) -> list[Path]:
-    """Write ``fig`` as ``<folder>/<name>.png`` and ``.pdf`` (folder default: the repo's figures/)."""
-    folder = Path(folder) if folder else FIGURES_DIR
+    """Write ``fig`` as ``<folder>/<name>.png`` and ``.pdf`` (folder default: :func:`figures_dir`)."""
+    folder = Path(folder) if folder else figures_dir()
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
     for path in paths:
@@ -54,9 +78,24 @@ def show(fig) -> None:
     display(Image(data=buf.getvalue(), format="png"))
 
 
+def save_name(save, name, where: str):
+    """The file name a plot function was given: ``save=``, or the old ``name=`` of the causal-trace
+    figures (still accepted, with a DeprecationWarning; both at once is an error)."""
+    if name is None:
+        return save
+    if save is not None:
+        raise TypeError(f"{where}() got save={save!r} and name={name!r}: pass only save= (name= is its "
+                        f"old spelling)")
+    import warnings
+
+    warnings.warn(f"{where}(name=...) is deprecated: use save=... (every plot function's argument)",
+                  DeprecationWarning, stacklevel=3)
+    return name
+
+
 def finish(fig, name, folder=None):
-    """The end of every plot function: save ``fig`` when ``name`` is given (the functions' ``save=`` /
-    ``name=`` argument), show it inline in a notebook, return it."""
+    """The end of every plot function: save ``fig`` when ``name`` (the function's ``save=``) is given,
+    show it inline in a notebook, return it."""
     if name:
         save_figure(fig, name, folder)
     show(fig)

@@ -2,7 +2,7 @@
 
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (no global state, no
 double display in notebooks) and, given ``save="name"``, writes it with
-:func:`kn_utils.plotting.save_figure` to ``folder`` (default figures/).
+:func:`kn_utils.plotting.save_figure` to ``folder`` (default :func:`kn_utils.plotting.figures_dir`).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from ..localisation import neuron_label  # the tables' labels; re-exported for the figures' callers
 from . import finish  # defined in the package before this module is imported
 
 __all__ = ["plot_attribution_heatmap", "kn_frequency", "plot_kn_frequency", "plot_probability_change",
@@ -21,12 +22,6 @@ __all__ = ["plot_attribution_heatmap", "kn_frequency", "plot_kn_frequency", "plo
 
 SIGNIFICANT = "tab:red"
 SEPARATOR = "0.6"
-
-
-def neuron_label(neuron) -> str:
-    """"L10.N2096" for (10, 2096); the paper writes w^(10)_2096."""
-    layer, unit = neuron
-    return f"L{int(layer)}.N{int(unit)}"
 
 
 def _as_map(scores) -> np.ndarray:

@@ -1,13 +1,14 @@
 """Causal-trace and editing figures: trace heatmaps (Fig 7), average indirect effects by token class
-(Fig 13) and ROME edit success by layer.  Each function returns the figure and, given ``name``,
-saves it through :func:`kn_utils.plotting.save_figure`."""
+(Fig 13) and ROME edit success by layer.  Each function returns the figure and, given ``save="name"``,
+writes it through :func:`kn_utils.plotting.save_figure` to ``folder`` (default
+:func:`kn_utils.plotting.figures_dir`).  ``name=`` is the old spelling of ``save=`` (deprecated)."""
 from __future__ import annotations
 
 import numpy as np
 
 from matplotlib.figure import Figure
 
-from . import finish  # defined in the package before this module is imported
+from . import finish, save_name  # defined in the package before this module is imported
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 TITLES = {"hidden": "single restored layer", "mlp": "center of interval of restored MLP layers",
@@ -48,22 +49,24 @@ def _draw_trace(ax, result, model_name=None, colorbar=True):
     return mesh
 
 
-def plot_trace(result, *, name=None, folder=None, model_name=None, ax=None):
+def plot_trace(result, *, save=None, folder=None, model_name=None, ax=None, name=None):
     """One trace heatmap (tokens x layers); corrupted (subject) tokens are starred."""
+    save = save_name(save, name, "plot_trace")
     if ax is None:
         fig, axes = _subplots(figsize=(3.6, 0.25 * len(result.tokens) + 1.4))
         ax = axes[0][0]
     else:
         fig = ax.figure
     _draw_trace(ax, result, model_name)
-    return finish(fig, name, folder)
+    return finish(fig, save, folder)
 
 
-def plot_trace_panels(results, *, name=None, folder=None, model_name=None, title=None):
+def plot_trace_panels(results, *, save=None, folder=None, model_name=None, title=None, name=None):
     """Fig 7: hidden / MLP / attention traces of one prompt side by side (Purples / Greens / Reds).
 
     ``results``: a dict kind -> TraceResult or a list of TraceResults.
     """
+    save = save_name(save, name, "plot_trace_panels")
     if isinstance(results, dict):
         results = [results[k] for k in ("hidden", "mlp", "attn") if k in results]
     results = list(results)
@@ -76,15 +79,16 @@ def plot_trace_panels(results, *, name=None, folder=None, model_name=None, title
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return finish(fig, name, folder)
+    return finish(fig, save, folder)
 
 
-def plot_aie(aie, *, name=None, folder=None, title=None, classes=None):
+def plot_aie(aie, *, save=None, folder=None, title=None, classes=None, name=None):
     """Fig 13: average indirect effect per layer, one line per token class, 95% band.
 
     ``aie``: the DataFrame of :func:`kn_utils.tracing.average_indirect_effect` (one kind), or a dict /
     concatenation with several kinds (one panel per kind).
     """
+    save = save_name(save, name, "plot_aie")
     import pandas as pd
 
     if isinstance(aie, dict):
@@ -111,12 +115,13 @@ def plot_aie(aie, *, name=None, folder=None, title=None, classes=None):
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return finish(fig, name, folder)
+    return finish(fig, save, folder)
 
 
-def plot_edit_success_by_layer(df, *, name=None, folder=None, title=None,
-                               metrics=("efficacy", "paraphrase")):
+def plot_edit_success_by_layer(df, *, save=None, folder=None, title=None,
+                               metrics=("efficacy", "paraphrase"), name=None):
     """Edit success of ROME applied at each layer (a layer sweep with columns layer + metrics)."""
+    save = save_name(save, name, "plot_edit_success_by_layer")
     missing = {"layer", *[m for m in metrics if m in ("efficacy", "paraphrase")]} - set(df.columns)
     if missing:
         raise ValueError(f"layer sweep table lacks columns {sorted(missing)}")
@@ -130,7 +135,7 @@ def plot_edit_success_by_layer(df, *, name=None, folder=None, title=None,
     ax.legend(fontsize=8)
     ax.set_title(title or "ROME edit success by layer", fontsize=9)
     fig.tight_layout()
-    return finish(fig, name, folder)
+    return finish(fig, save, folder)
 
 
 __all__ = ["plot_trace", "plot_trace_panels", "plot_aie", "plot_edit_success_by_layer"]
