@@ -101,9 +101,9 @@ class Report:
 class _Context:
     """What the sections share: the model, sizes, output folder and KN searches already run."""
 
-    def __init__(self, lm, scale, out, data_dir, progress):
+    def __init__(self, lm, scale, out, data_dir, progress, sizes=None):
         self.lm, self.scale, self.out, self.data_dir, self.progress = lm, scale, out, data_dir, progress
-        self.sizes = SCALES[scale]
+        self.sizes = {**SCALES[scale], **(sizes or {})}
         self._kn = {}
         self.reused = 0
 
@@ -651,9 +651,12 @@ def git_commit(path=None) -> str:
     return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
 
 
-def _check_args(scale, sections):
+def _check_args(scale, sections, sizes=None):
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {tuple(SCALES)}")
+    unknown = set(sizes or {}) - set(SCALES[scale])
+    if unknown:
+        raise ValueError(f"unknown sizes {sorted(unknown)}; the sizes are {sorted(SCALES[scale])}")
     if sections is None:
         return list(SECTIONS)
     if isinstance(sections, str):
@@ -669,15 +672,16 @@ def _safe_name(model) -> str:
 
 
 def reproduce(lm, scale: str = "smoke", out=None, *, sections=None, data_dir=None, model_name=None,
-              progress: bool = False) -> Report:
+              sizes: dict | None = None, progress: bool = False) -> Report:
     """Run ``sections`` (default all of :data:`SECTIONS`) at ``scale`` on ``lm`` and write
     ``<out>/REPORT.md`` with CSVs and PNGs beside it (``out`` default ``reports/<model_name>``).
+    ``sizes`` overrides some of the scale's sizes (the report states the sizes used).
     A failing section is recorded in the report (see the module docstring), never dropped."""
-    sections = _check_args(scale, sections)
+    sections = _check_args(scale, sections, sizes)
     model_name = model_name or getattr(lm.model.config, "_name_or_path", "") or "model"
     out = Path(out) if out else Path(__file__).resolve().parents[1] / "reports" / _safe_name(model_name)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = _Context(lm, scale, out, data_dir, progress)
+    ctx = _Context(lm, scale, out, data_dir, progress, sizes)
     start = time.perf_counter()
     done = []
     for key in sections:
@@ -701,21 +705,24 @@ def reproduce(lm, scale: str = "smoke", out=None, *, sections=None, data_dir=Non
             print(f"[reproduce] {key}: {sec.seconds:.1f} s" + (" FAILED" if sec.error else ""), flush=True)
     total = time.perf_counter() - start
     path = out / "REPORT.md"
-    path.write_text(render(done, lm=lm, model_name=model_name, scale=scale, total=total), encoding="utf-8")
+    path.write_text(render(done, lm=lm, model_name=model_name, scale=scale, total=total, sizes=ctx.sizes,
+                           data_dir=data_dir),
+                    encoding="utf-8")
     return Report(path=path, sections=done, seconds=total)
 
 
-def render(sections, *, lm, model_name, scale, total) -> str:
+def render(sections, *, lm, model_name, scale, total, sizes=None, data_dir=None) -> str:
     from .data import data_root
 
     arch = lm.arch
     lines = [f"# Reproduction report: {model_name}", "",
-             f"- scale: `{scale}` (sizes: `{SCALES[scale]}`)",
+             f"- scale: `{scale}` (sizes: `{sizes or SCALES[scale]}`"
+             f"{'' if not sizes or sizes == SCALES[scale] else ', some overridden'})",
              f"- model: {model_name} ({arch.n_layers} layers x {arch.n_neurons} MLP neurons"
              f"{', masked LM' if arch.is_masked_lm else ''})",
              f"- commit: `{git_commit()}`",
              f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
-             f"- data folder: {data_root() or 'none (built-in sets)'}",
+             f"- data folder: {data_root(data_dir) or 'none (built-in sets)'}",
              f"- total wall time: {total:.1f} s",
              "- intervals: 95 %, Wilson for proportions, Student t for means (kn_utils.stats)",
              "- paper numbers: kn_utils/paper.py (each with its table / figure)", "",

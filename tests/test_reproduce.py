@@ -16,10 +16,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::kn_utils.data.BuiltinDataWarnin
 
 
 @pytest.fixture
-def builtin_only(monkeypatch):
+def builtin_only(monkeypatch, tmp_path_factory):
     """No data folder at all: the loaders fall back to the built-in mini sets."""
     monkeypatch.delenv("KN_DATA_DIR", raising=False)
     monkeypatch.setenv("KN_SHARED_DATA", "0")
+    monkeypatch.setenv("KN_UTILS_CACHE", str(tmp_path_factory.mktemp("cache")))  # ROME templates of tiny models
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +171,9 @@ def test_failing_section_is_recorded_not_dropped(tiny, tmp_path, builtin_only, m
         raise RuntimeError("boom in the Dai section")
 
     monkeypatch.setitem(reproduce.SECTION_FUNCTIONS, "dai", boom)
-    rep = reproduce.reproduce(tiny("llama"), "smoke", tmp_path, sections=["dai", "blimp"])
+    rep = reproduce.reproduce(tiny("llama"), "smoke", tmp_path, sections=["dai", "blimp"],
+                              sizes={"blimp_n": 5})
+    assert "'blimp_n': 5" in rep.path.read_text() and "some overridden" in rep.path.read_text()
     text = rep.path.read_text()
     assert rep.failed == ["dai"]
     assert "**FAILED**" in text and "RuntimeError: boom in the Dai section" in text
@@ -183,6 +186,8 @@ def test_bad_arguments(tiny, tmp_path):
         reproduce.reproduce(lm, "huge", tmp_path)
     with pytest.raises(ValueError, match="unknown sections"):
         reproduce.reproduce(lm, "smoke", tmp_path, sections=["table99"])
+    with pytest.raises(ValueError, match="unknown sizes \\['rome_m'\\]"):
+        reproduce.reproduce(lm, "smoke", tmp_path, sizes={"rome_m": 3})
     assert not (tmp_path / "REPORT.md").exists()
 
 
