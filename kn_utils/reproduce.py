@@ -59,6 +59,7 @@ SCALES = {
                   trace_samples=10, ig_steps=20, rome_steps=None, agreement_pool=1000),
 }
 TABLE1_RELATIONS = ("P36", "P1376", "P101")
+REPORT_BUDGET_S = 3600   # issue 12 §4: --scale report within 60 minutes per model on this CPU
 # Decoders read only the type-1 paradigms (the deciding word comes first); BERT used the type-2 ones.
 DNA_CAUSAL = ("determiner_noun_agreement_1", "determiner_noun_agreement_irregular_1",
               "determiner_noun_agreement_with_adjective_1", "determiner_noun_agreement_with_adj_irregular_1")
@@ -723,7 +724,9 @@ def render(sections, *, lm, model_name, scale, total, sizes=None, data_dir=None)
              f"- commit: `{git_commit()}`",
              f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
              f"- data folder: {data_root(data_dir) or 'none (built-in sets)'}",
-             f"- total wall time: {total:.1f} s",
+             f"- total wall time: {total:.1f} s"
+             + (f" ({'within' if total <= REPORT_BUDGET_S else 'OVER'} the {REPORT_BUDGET_S // 60} min "
+                f"budget of the report scale on a 2-core CPU)" if scale == "report" else ""),
              "- intervals: 95 %, Wilson for proportions, Student t for means (kn_utils.stats)",
              "- paper numbers: kn_utils/paper.py (each with its table / figure)", "",
              "| section | wall time (s) | status |", "|---|---|---|"]
