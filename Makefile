@@ -15,7 +15,7 @@ unexport KN_DATA_DIR
 endif
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install model demo notebooks lab test test-fast bench clean-results gpu-prep
+.PHONY: install model demo notebooks lab test test-fast bench clean-results gpu-prep reproduce
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -70,6 +70,15 @@ bench: model
 	$(PY) benchmarks/attribution.py
 	$(PY) benchmarks/tracing.py
 	$(PY) benchmarks/rome.py
+
+# Every experiment of the paper at one scale -> reports/<model>/REPORT.md (+ CSV, PNG):
+#   make reproduce                                  default model, --scale report (<= 60 min target on 2 CPU cores)
+#   make reproduce REPRO_MODEL=gemma-3-270m REPRO_SCALE=smoke REPRO_ARGS="--sections table1 tracing"
+REPRO_MODEL ?= default
+REPRO_SCALE ?= report
+REPRO_ARGS ?=
+reproduce: model
+	$(PY) -m kn_utils reproduce --model $(REPRO_MODEL) --scale $(REPRO_SCALE) $(REPRO_ARGS)
 
 clean-results:
 	rm -rf results

@@ -14,6 +14,7 @@ COMMANDS = {
     "localise": "localise",
     "trace": "trace",
     "evaluate-edits": "evaluate_edits",
+    "reproduce": "reproduce",
 }
 
 

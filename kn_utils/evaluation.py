@@ -45,6 +45,7 @@ from .scoring import score_targets
 from .data import BUILTIN_DIR, source_of
 from .data.pararel import Bag, causal_prompts, load_bags
 from .editing.base import EditRequest  # noqa: F401  (the one request type; re-exported here)
+from .paper import PAPER_TABLE1  # Table 1's numbers live in kn_utils.paper; the old name stays
 
 RELATIONS = ("P36", "P1376", "P101")
 EDITORS = ("rome", "kn")
@@ -56,13 +57,6 @@ _REVERSE = {
     "P1376": ("The capital of {} is", "The capital of {} is [MASK]."),
 }
 _SYNONYM_PROMPT = ("{} is a famous", "{} is a famous [MASK].")
-
-# Table 1 of Niu et al. (ROME): relation -> (criterion, {model: (reliability, criterion, n)}).
-PAPER_TABLE1 = {
-    "P101": ("synonym", {"gpt2-xl": (99.82, 52.35, 568), "llama-2-7b": (100.0, 58.36, None)}),
-    "P1376": ("symmetry", {"gpt2-xl": (96.37, 23.71, 234), "llama-2-7b": (100.0, 33.40, None)}),
-    "P36": ("symmetry", {"gpt2-xl": (99.79, 25.17, 703), "llama-2-7b": (100.0, 33.64, None)}),
-}
 
 
 @lru_cache(maxsize=1)

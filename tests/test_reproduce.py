@@ -1,0 +1,231 @@
+"""kn_utils.reproduce (the report), kn_utils.stats (its intervals), kn_utils.paper, CounterFact metrics."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import kn_utils as ku
+from kn_utils import counterfact_eval, paper, reproduce, stats
+from kn_utils.cli import main
+
+from tiny_models import save_tiny
+
+# the smoke runs read the built-in mini sets on purpose
+pytestmark = pytest.mark.filterwarnings("ignore::kn_utils.data.BuiltinDataWarning")
+
+
+@pytest.fixture
+def builtin_only(monkeypatch, tmp_path_factory):
+    """No data folder at all: the loaders fall back to the built-in mini sets."""
+    monkeypatch.delenv("KN_DATA_DIR", raising=False)
+    monkeypatch.setenv("KN_SHARED_DATA", "0")
+    monkeypatch.setenv("KN_UTILS_CACHE", str(tmp_path_factory.mktemp("cache")))  # ROME templates of tiny models
+
+
+# ---------------------------------------------------------------------------------------------
+# stats
+# ---------------------------------------------------------------------------------------------
+def test_wilson_known_values():
+    z2 = 1.959963984540054 ** 2
+    # closed forms at the edges: 0/n -> [0, z²/(n+z²)], n/n -> [n/(n+z²), 1]
+    assert stats.wilson(0, 10) == pytest.approx((0.0, z2 / (10 + z2)))
+    assert stats.wilson(10, 10) == pytest.approx((10 / (10 + z2), 1.0))
+    # 5/10: 0.2366-0.7634 (e.g. Newcombe 1998, Table I style; symmetric about 0.5)
+    lo, hi = stats.wilson(5, 10)
+    assert lo == pytest.approx(0.23659, abs=1e-4) and hi == pytest.approx(0.76341, abs=1e-4)
+    # 81/263 (Wikipedia "Binomial proportion confidence interval" example): 0.2553-0.3662
+    lo, hi = stats.wilson(81, 263)
+    assert lo == pytest.approx(0.2553, abs=5e-4) and hi == pytest.approx(0.3662, abs=5e-4)
+    assert all(math.isnan(v) for v in stats.wilson(0, 0))
+
+
+@pytest.mark.parametrize("bad", [(11, 10), (-1, 10), (1, 2.5)])
+def test_wilson_rejects_bad_counts(bad):
+    with pytest.raises(ValueError, match="successes|n must"):
+        stats.wilson(*bad)
+
+
+def test_t_interval_known_value_and_nan():
+    # [1..5]: mean 3, s = 1.5811, t(0.975, 4) = 2.776445 -> 3 ± 1.96324
+    lo, hi = stats.t_interval([1, 2, 3, 4, 5, float("nan")])
+    assert (lo, hi) == pytest.approx((3 - 1.963243, 3 + 1.963243), abs=1e-5)
+    assert all(math.isnan(v) for v in stats.t_interval([1.0]))
+
+
+def test_bootstrap_close_to_t_for_a_large_sample_and_reproducible():
+    x = np.random.default_rng(1).normal(2.0, 1.0, 400)
+    b = stats.bootstrap_interval(x)
+    t = stats.t_interval(x)
+    assert b == stats.bootstrap_interval(x)            # fixed seed
+    assert b[0] < x.mean() < b[1]
+    assert b == pytest.approx(t, abs=0.03)               # both ~ mean ± 0.098
+
+
+def test_summarize_picks_wilson_for_proportions_and_t_for_means():
+    s = stats.summarize([1, 0, 1, 1, float("nan")])
+    assert s["method"] == "wilson" and s["n"] == 4 and s["mean"] == 0.75
+    assert (s["lo"], s["hi"]) == pytest.approx(stats.wilson(3, 4))
+    s = stats.summarize([0.5, 1.0, 0.25])
+    assert s["method"] == "t" and (s["lo"], s["hi"]) == pytest.approx(stats.t_interval([0.5, 1.0, 0.25]))
+
+
+# ---------------------------------------------------------------------------------------------
+# paper numbers
+# ---------------------------------------------------------------------------------------------
+def test_paper_numbers_one_place():
+    from kn_utils import evaluation
+
+    assert evaluation.PAPER_TABLE1 is paper.PAPER_TABLE1   # the old name keeps working
+    assert paper.PAPER_TABLE1["P36"][1]["gpt2-xl"] == (99.79, 25.17, 703)
+    assert paper.DAI_SUPPRESS == -29.03 and paper.DAI_ENHANCE == 31.17 and paper.DAI_KN_PER_FACT == 4.13
+    assert paper.ROME_COUNTERFACT["rome"]["score"] == 89.2 and paper.ROME_COUNTERFACT["kn"]["score"] == 35.6
+    assert paper.ROME_TRACING["peak_hidden"] == 8.7 and paper.ROME_TRACING["mlp_at_peak"] == 6.6
+    assert len(paper.PAPER_TABLE8) == 12 and paper.PAPER_FIG6B["determiner_noun_agreement_2"] == (100.0, 94.8)
+    # every section with paper numbers names its source
+    assert {"table1", "table8", "table9", "fig6b", "dai", "counterfact", "tracing"} <= set(paper.SOURCES)
+
+
+# ---------------------------------------------------------------------------------------------
+# CounterFact metrics
+# ---------------------------------------------------------------------------------------------
+def test_harmonic_mean():
+    assert counterfact_eval.harmonic_mean([100.0, 96.4, 75.4]) == pytest.approx(89.2, abs=0.1)  # ROME's S
+    assert counterfact_eval.harmonic_mean([50, 0, 80]) == 0.0
+
+
+def test_counterfact_metrics_match_a_slow_reference(tiny):
+    lm = tiny("llama")
+    records = pd.DataFrame([
+        {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+         "target_new": "English", "ground_truth": "French",
+         "rephrase_prompt": "Where Danielle Darrieux is from, people speak",
+         "locality_prompt": "Michel Rocard is a native speaker of", "locality_ground_truth": "French"},
+        {"prompt": "Paris is the capital of", "subject": "Paris", "target_new": "Italy",
+         "ground_truth": "France", "rephrase_prompt": "The city of Paris is in",
+         "locality_prompt": "Lyon is in", "locality_ground_truth": "France"}])
+    records.attrs["data_source"] = "test records"
+
+    def no_edit(lm, request):  # a callable editor that changes nothing: post must equal pre
+        class Nothing:
+            def restore(self):
+                pass
+        return Nothing()
+
+    df = counterfact_eval.evaluate_counterfact(lm, no_edit, n=None, records=records, progress=False)
+    assert df.attrs["data_source"] == "test records" and len(df) == 2
+
+    def mean_lp(p, t):  # the slow reference: one teacher-forced pass per (prompt, target)
+        return float(ku.target_log_probs(lm, p, t).mean())
+
+    for (_, rec), (_, row) in zip(records.iterrows(), df.iterrows()):
+        want = {"efficacy": mean_lp(rec.prompt, rec.target_new) > mean_lp(rec.prompt, rec.ground_truth),
+                "paraphrase": mean_lp(rec.rephrase_prompt, rec.target_new)
+                > mean_lp(rec.rephrase_prompt, rec.ground_truth),
+                "neighborhood": mean_lp(rec.locality_prompt, rec.locality_ground_truth)
+                > mean_lp(rec.locality_prompt, rec.target_new)}
+        for m, v in want.items():
+            assert row[m] == float(v) and row[f"{m}_pre"] == float(v)
+    with pytest.raises(ValueError, match="lack columns"):
+        counterfact_eval.evaluate_counterfact(lm, no_edit, records=records.drop(columns=["rephrase_prompt"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------
+def test_smoke_report_every_section(tiny, tmp_path, builtin_only):
+    lm = tiny("llama")
+    rep = reproduce.reproduce(lm, "smoke", tmp_path, model_name="tiny-llama")
+    text = rep.path.read_text()
+    assert rep.path == tmp_path / "REPORT.md"
+    assert rep.failed == []
+    for key in reproduce.SECTIONS:
+        assert reproduce.TITLES[key] in text, key
+    # CounterFact has no built-in set: skipped with its reason, not dropped
+    assert "CounterFact has no built-in set" in text
+    for key in set(reproduce.SECTIONS) - {"counterfact"}:
+        assert (tmp_path / f"{key}_summary.csv").exists(), key
+        assert f"({key}_summary.csv)" in text
+    for png in ("table1", "dai", "fig6b", "blimp", "tracing_facts", "tracing_dna", "tracing_sva"):
+        assert (tmp_path / f"{png}.png").stat().st_size > 1000, png
+        assert f"({png}.png)" in text
+    assert not list(tmp_path.glob("*.pdf"))
+    assert reproduce.git_commit()[:7] in text and "wall time" in text
+    # KN rows are never put beside ROME's published numbers
+    t1 = pd.read_csv(tmp_path / "table1_summary.csv")
+    assert t1[t1.editor == "kn"]["paper_gpt2xl"].isna().all()
+    assert t1[(t1.editor == "rome") & (t1.metric == "reliability")]["paper_gpt2xl"].notna().all()
+    # BLiMP: every paradigm of the paper is either measured or listed as skipped with a reason
+    measured = set(pd.read_csv(tmp_path / "blimp_summary.csv").paradigm)
+    skipped = set(pd.read_csv(tmp_path / "blimp_skipped.csv").paradigm)
+    assert measured | skipped == set(ku.data.blimp.PAPER_PARADIGMS) and not measured & skipped
+    assert "two-prefix" in text
+    # each interval holds its estimate
+    for name in ("dai_summary", "table1_summary"):
+        df = pd.read_csv(tmp_path / f"{name}.csv").dropna(subset=["ci_lo", "ci_hi"])
+        assert ((df.ci_lo <= df.ours + 1e-9) & (df.ours <= df.ci_hi + 1e-9)).all(), name
+
+
+def test_failing_section_is_recorded_not_dropped(tiny, tmp_path, builtin_only, monkeypatch):
+    def boom(ctx, sec):
+        raise RuntimeError("boom in the Dai section")
+
+    monkeypatch.setitem(reproduce.SECTION_FUNCTIONS, "dai", boom)
+    rep = reproduce.reproduce(tiny("llama"), "smoke", tmp_path, sections=["dai", "blimp"],
+                              sizes={"blimp_n": 5})
+    assert "'blimp_n': 5" in rep.path.read_text() and "some overridden" in rep.path.read_text()
+    text = rep.path.read_text()
+    assert rep.failed == ["dai"]
+    assert "**FAILED**" in text and "RuntimeError: boom in the Dai section" in text
+    assert (tmp_path / "blimp_summary.csv").exists() and reproduce.TITLES["table1"] not in text
+
+
+def test_bad_arguments(tiny, tmp_path):
+    lm = tiny("llama")
+    with pytest.raises(ValueError, match="unknown scale 'huge'"):
+        reproduce.reproduce(lm, "huge", tmp_path)
+    with pytest.raises(ValueError, match="unknown sections"):
+        reproduce.reproduce(lm, "smoke", tmp_path, sections=["table99"])
+    with pytest.raises(ValueError, match="unknown sizes \\['rome_m'\\]"):
+        reproduce.reproduce(lm, "smoke", tmp_path, sizes={"rome_m": 3})
+    assert not (tmp_path / "REPORT.md").exists()
+
+
+def test_command_line(tmp_path, builtin_only, monkeypatch, capsys):
+    folder = tmp_path / "model"
+    save_tiny("llama", folder)
+    out = tmp_path / "report"
+    assert main(["reproduce", "--model", str(folder), "--scale", "smoke", "--sections", "blimp",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert "BLiMP accuracy" in (out / "REPORT.md").read_text()
+    monkeypatch.setitem(reproduce.SECTION_FUNCTIONS, "blimp", lambda ctx, sec: 1 / 0)
+    assert main(["reproduce", "--model", str(folder), "--scale", "smoke", "--sections", "blimp",
+                 "--out", str(out), "--device", "cpu"]) == 1
+    assert "FAILED sections" in capsys.readouterr().out
+
+
+def test_counterfact_section_with_the_data(tiny, tmp_path, data_dir):
+    rep = reproduce.reproduce(tiny("llama"), "smoke", tmp_path, sections=["counterfact"], data_dir=data_dir)
+    assert rep.failed == []
+    table = pd.read_csv(tmp_path / "counterfact_summary.csv")
+    assert set(table.editor) == {"rome", "kn"}
+    assert set(table.metric) == {"efficacy", "paraphrase", "neighborhood", "score"}
+    items = pd.read_csv(tmp_path / "counterfact_items.csv")
+    for editor, part in items.groupby("editor"):
+        want = counterfact_eval.harmonic_mean([100 * part[m].mean() for m in counterfact_eval.METRICS])
+        got = table[(table.editor == editor) & (table.metric == "score")]["ours"].item()
+        assert got == pytest.approx(want)
+    assert "counterfact-edit.json" in rep.path.read_text()
+
+
+@pytest.mark.slow
+def test_blimp_section_on_the_default_model(default_lm, tmp_path, data_dir):
+    """The real model on the real BLiMP: the decoder reads the one-prefix paradigms, skips the
+    two-prefix ones, and judges most above chance (SmolLM2: 76-96 % on 50 pairs each)."""
+    rep = reproduce.reproduce(default_lm, "report", tmp_path, sections=["blimp"], data_dir=data_dir,
+                              sizes={"blimp_n": 30})
+    assert rep.failed == []
+    table = pd.read_csv(tmp_path / "blimp_summary.csv")
+    assert len(table) == 10 and (table.n == 30).all()
+    assert table.above_chance.mean() >= 0.5
+    assert "blimp/" in rep.path.read_text()   # the data set, not the built-in mini set
