@@ -13,7 +13,9 @@ site writes ``alpha * act`` into the rows that belong to that layer and passes t
 through, so one forward + one backward of the summed row probabilities gives every row its own
 gradient.  Causal LMs reuse the clean prefix: scaling at the read position cannot change earlier
 positions, so the prefix runs once with a KV cache and the batch recomputes only the read token.
-Logits are computed only at the read position (a pre-hook on the unembedding narrows its input).
+Logits are computed only at the read position.  The batching mechanics (rows joining at their
+layer, the widened prefix cache, the narrowed logits) are :mod:`kn_utils.engine`'s; the plain loop
+this is tested against is :func:`kn_utils.reference.reference_ig`.
 """
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ remove work the per-cell loop repeats:
 Any model, causal or masked: below a cell's lowest restored layer its rows equal the corrupted run,
 so a forward starts with one corrupted row per noise sample and a pre-hook on each block appends
 copies of those rows for the cells that start restoring there (blocks below layer l run at batch
-``samples``, not ``samples x cells``).
+``samples``, not ``samples x cells``).  These mechanics are :mod:`kn_utils.engine`'s; the plain
+loop this is tested against is :func:`kn_utils.reference.reference_trace`.
 """
 from __future__ import annotations
 
