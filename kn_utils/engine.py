@@ -70,7 +70,8 @@ def layered_cache(cache, n_layers: int) -> bool:
     each block's cache can have that block's number of rows."""
     layers = getattr(cache, "layers", None)
     return layers is not None and len(layers) == n_layers and all(
-        hasattr(layer, "batch_select_indices") for layer in layers)
+        hasattr(layer, "batch_select_indices") and hasattr(layer, "batch_repeat_interleave")
+        for layer in layers)
 
 
 def _carrier_index(rows: int, carrier: int, device=None) -> torch.Tensor:
@@ -78,15 +79,23 @@ def _carrier_index(rows: int, carrier: int, device=None) -> torch.Tensor:
     return torch.arange(rows, device=device) % carrier
 
 
+def _widen(cache, n: int, carrier: int, device) -> None:
+    """One cache (or cache layer) of ``carrier`` rows to ``n`` rows, row r a copy of r % carrier."""
+    if carrier == 1:  # one carrier row: a plain repeat, no index to build
+        cache.batch_repeat_interleave(n)
+    else:
+        cache.batch_select_indices(_carrier_index(n, carrier, device))
+
+
 def widen_cache(cache, rows: list[int], carrier: int, device=None):
     """Widen (in place) a cache of ``carrier`` rows to ``rows[l]`` rows in layer l; returns it."""
     if layered_cache(cache, len(rows)):
         for layer, n in zip(cache.layers, rows):
             if n != carrier:
-                layer.batch_select_indices(_carrier_index(n, carrier, device))
+                _widen(layer, n, carrier, device)
     elif len(set(rows)) == 1:
         if rows[0] != carrier:
-            cache.batch_select_indices(_carrier_index(rows[0], carrier, device))
+            _widen(cache, rows[0], carrier, device)
     else:
         raise ValueError("this model's KV cache cannot hold a different number of rows per layer: "
                          "pass prefix_cache=False / cache=False")
