@@ -4,9 +4,10 @@
     python benchmarks/attribution.py --device cuda --preset gpu   # random GPT-2 XL + BERT-base sizes
 
 Both paths run in ONE process on the same inputs; the script prints absolute times, the speed-up
-and the relative error between the two maps (max |fast - ref| / max |ref|).  The reference is the
-obvious implementation: for each layer, one batch of ``steps`` rows, full forward of the whole
-sequence with full logits, one backward.  On CUDA both paths run once untimed first (kernel
+and the relative error between the two maps (max |fast - ref| / max |ref|).  The reference
+(``kn_utils.reference.reference_ig_query``, the loop the tests use) is the obvious implementation:
+for each layer, one batch of ``steps`` rows, full forward of the whole sequence with full logits,
+one backward.  On CUDA both paths run once untimed first (kernel
 selection).  Exit status 1 if the maps disagree (rel. err > 1e-3; 5e-2 in 16-bit).
 """
 from __future__ import annotations
@@ -17,38 +18,12 @@ import sys
 import torch
 
 import kn_utils as ku
-from kn_utils.attribution import ig_alphas, ig_query
-from kn_utils.hooks import modify, record
+from kn_utils.attribution import ig_query
+from kn_utils.reference import reference_ig_query
 from kn_utils.targets import prepare
 from common import best_time, random_lm
 
 PROMPT = "The official language spoken by most people in the Netherlands is"  # ~11 tokens
-
-
-def reference_ig(lm, input_ids, position, target_id, steps=20, points="linspace"):
-    """Per-layer loop: steps rows in a batch, full sequence, full logits."""
-    model, dev = lm.model, lm.device
-    ids = torch.as_tensor([list(input_ids)], device=dev)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    with torch.no_grad(), record(lm, "neurons") as rec:
-        model(input_ids=ids)
-    alphas = ig_alphas(steps, points).to(dev, lm.dtype)
-    out = torch.zeros(lm.arch.n_layers, lm.arch.n_neurons)
-    for layer in range(lm.arch.n_layers):
-        act = rec[layer][0, position]
-        x = (alphas[:, None] * act).requires_grad_(True)
-
-        def write(value):
-            value = value.clone()
-            value[:, position] = x
-            return value
-        with modify(lm, "neurons", {layer: write}):
-            logits = model(input_ids=ids.expand(steps, -1)).logits[:, position]
-        prob = logits.float().softmax(-1)[:, target_id].sum()
-        (grad,) = torch.autograd.grad(prob, x)
-        out[layer] = (act.float() * grad.float().sum(0) / steps).cpu()
-    return out
 
 
 def cases(preset: str, device: str, n_tokens: int, n_layers: int | None = None,
@@ -90,7 +65,7 @@ def main(argv=None) -> int:
                                                    getattr(torch, args.dtype)):
         fast = lambda: ig_query(lm, ids, position, target, steps=args.steps,  # noqa: E731
                                 batch_size=args.batch_size)
-        ref = lambda: reference_ig(lm, ids, position, target, steps=args.steps)  # noqa: E731
+        ref = lambda: reference_ig_query(lm, ids, position, target, steps=args.steps)  # noqa: E731
         if args.device.startswith("cuda"):
             fast(), ref()  # warm-up: a GPU's first run of each shape pays for kernel selection
         t_ref, m_ref = best_time(ref, args.device, args.repeat)

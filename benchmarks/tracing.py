@@ -1,5 +1,7 @@
 """Causal tracing: ROME's one-forward-per-cell loop against kn_utils' batched path.
 
+The loop is ``kn_utils.reference.reference_trace``, the one the tests compare with.
+
 Same prompt, same noise, every (token, layer) cell; the best of ``--repeat`` runs of each path (1 on
 the CPU, 2 on CUDA); prints both times, the ratio and the largest score difference for each kind.
 Exit status 1 if the paths disagree (max |diff| > 1e-5 in float32, 1e-3 in 16-bit).
@@ -15,47 +17,12 @@ import sys
 import torch
 
 import kn_utils as ku
-from kn_utils.hooks import modify, record
-from kn_utils.targets import read_position
-from kn_utils.tracing import causal_trace, draw_noise, layer_window, subject_span
+from kn_utils.reference import reference_trace
+from kn_utils.tracing import causal_trace, subject_span
 from common import bench_tokenizer, best_time, random_lm
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "The Eiffel Tower"
-
-
-def reference_trace(lm, prompt, subject, *, kind, samples, noise, window):
-    """ROME's loop: for each cell one forward of the `samples` corrupted rows (full logits)."""
-    ids, (b, e) = subject_span(lm, prompt, subject)
-    n_tok, n_layers = len(ids), lm.arch.n_layers
-    read = read_position(lm, ids)
-    delta = torch.from_numpy(draw_noise(samples, e - b, lm.arch.d_model, noise)).to(lm.device, lm.dtype)
-    ids_t = torch.tensor([ids], device=lm.device)
-    batch = ids_t.expand(samples, -1)
-
-    def corrupt(value):
-        value = value.clone()
-        value[:, b:e] += delta
-        return value
-
-    with torch.no_grad():
-        with record(lm, kind) as clean:
-            answer = int(lm.model(ids_t).logits[0, read].argmax())
-        scores = torch.zeros(n_tok, n_layers)
-        for t in range(n_tok):
-            for layer in range(n_layers):
-                width = 1 if kind == "hidden" else window
-                fns = {}
-                for j in layer_window(layer, n_layers, width):
-                    def fn(value, j=j):
-                        value = value.clone()
-                        value[:, t] = clean[j][0, t]
-                        return value
-                    fns[j] = fn
-                with modify(lm, "embed", {0: corrupt}), modify(lm, kind, fns):
-                    probs = lm.model(batch).logits[:, read].float().softmax(-1)[:, answer]
-                scores[t, layer] = float(probs.mean())
-    return scores
 
 
 def main(argv=None):
@@ -110,7 +77,7 @@ def main(argv=None):
                 lambda: reference_trace(lm, PROMPT, SUBJECT, kind=kind,  # noqa: B023
                                         samples=args.samples, noise=args.noise, window=args.window),
                 args.device, repeat)
-            diff = float((ref - fast.scores).abs().max())
+            diff = float((ref.scores - fast.scores).abs().max())
             failed |= not diff <= tolerance
             line += f"  reference {t_ref:8.2f} s  speed-up {t_ref / t_fast:5.1f}x  max|diff| {diff:.1e}"
         # a random model's probabilities are small: the diff means something only beside the scores

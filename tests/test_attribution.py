@@ -7,37 +7,11 @@ import torch
 from kn_utils.attribution import (attribution_maps, coarse_neurons, ig_alphas, ig_query,
                                   integrated_gradients, r2_similarity)
 from kn_utils.hooks import hook_count, modify, record, scale_activation
+from kn_utils.reference import reference_ig
 from kn_utils.targets import prepare, target_probability
 
 MASKED_PROMPT = "The capital of [MASK] is paris ."
 CAUSAL_PROMPT = "The capital of France is"
-
-
-def reference_ig(lm, prompt, target, steps=20, points="linspace", layers=None, site="neurons"):
-    """The obvious implementation: per query, per layer, ``steps`` rows of the full sequence."""
-    spec = prepare(lm, prompt, target)
-    alphas = ig_alphas(steps, points).float()
-    maps = []
-    for q in spec.queries:
-        ids = torch.tensor([list(q.input_ids)])
-        with torch.no_grad(), record(lm, site) as rec:
-            lm.model(input_ids=ids)
-        m = torch.zeros(lm.arch.n_layers, rec[0].shape[-1])
-        for layer in range(lm.arch.n_layers) if layers is None else layers:
-            act = rec[layer][0, q.position]
-            x = (alphas[:, None] * act).requires_grad_(True)
-
-            def write(value):
-                value = value.clone()
-                value[:, q.position] = x
-                return value
-            with modify(lm, site, {layer: write}):
-                logits = lm.model(input_ids=ids.expand(steps, -1)).logits[:, q.position]
-            prob = logits.softmax(-1)[:, q.target_id].sum()
-            (grad,) = torch.autograd.grad(prob, x)
-            m[layer] = act * grad.sum(0) / steps
-        maps.append(m)
-    return torch.stack(maps).mean(0)
 
 
 def rel_err(a, b):

@@ -13,8 +13,8 @@ from kn_utils import models, registry
 from kn_utils.editing.rome import ROMEHyperParams
 from kn_utils.hooks import hook_count, record
 from kn_utils.tracing import noise_level, subject_span
-from test_attribution import reference_ig, rel_err
-from test_tracing import reference_trace
+from kn_utils.reference import reference_ig, reference_trace
+from test_attribution import rel_err
 
 pytestmark = [pytest.mark.slow, pytest.mark.gemma]
 
@@ -104,7 +104,8 @@ def test_trace_matches_reference_loop(gemma):
     """The MLP kind (post-norm site, 10-layer windows) against the one-forward-per-cell loop (about
     3 minutes on one CPU thread); every kind's KV-prefix path against the path without it."""
     level = noise_level(gemma, [SUBJECT])
-    ref, low, high = reference_trace(gemma, PROMPT, SUBJECT, kind="mlp", samples=3, noise=level, window=10)
+    want = reference_trace(gemma, PROMPT, SUBJECT, kind="mlp", samples=3, noise=level, window=10)
+    ref, low, high = want.scores, want.low_score, want.high_score
     got = ku.causal_trace(gemma, PROMPT, SUBJECT, kind="mlp", samples=3, noise=level, window=10)
     assert got.answer == " Paris" and high - low > 0.1   # the noise really breaks the fact
     assert abs(got.low_score - low) < 1e-5 and abs(got.high_score - high) < 1e-5

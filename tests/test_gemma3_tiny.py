@@ -14,8 +14,9 @@ import kn_utils as ku
 from kn_utils.attribution import integrated_gradients
 from kn_utils.hooks import hook_count, record
 from kn_utils.tracing import causal_trace, noise_level, subject_span
-from test_attribution import reference_ig, rel_err
-from test_tracing import PROMPTS, reference_trace
+from kn_utils.reference import reference_ig, reference_trace
+from test_attribution import rel_err
+from test_tracing import PROMPTS
 from tiny_models import CAUSAL_FAMILIES, H, bpe_tokenizer
 
 PROMPT, SUBJECT = PROMPTS["causal"]   # 8 tokens: longer than the sliding window below
@@ -136,7 +137,8 @@ def test_sliding_window_matters_in_this_config(gemma):
 
 @pytest.mark.parametrize("kind", ["hidden", "mlp", "attn"])
 def test_trace_kv_shortcuts_exact_with_sliding_window(gemma, kind):
-    ref, low, high = reference_trace(gemma, PROMPT, SUBJECT, kind=kind, samples=3, noise=0.3, window=2)
+    want = reference_trace(gemma, PROMPT, SUBJECT, kind=kind, samples=3, noise=0.3, window=2)
+    ref, low, high = want.scores, want.low_score, want.high_score
     assert float(ref.max() - ref.min()) > 1e-3
     for kwargs in ({}, dict(batch_size=4), dict(prefix_cache=False)):
         got = causal_trace(gemma, PROMPT, SUBJECT, kind=kind, samples=3, noise=0.3, window=2, **kwargs)

@@ -8,6 +8,7 @@ import torch
 
 import kn_utils as ku
 from kn_utils.hooks import hook_count, modify, record
+from kn_utils.reference import reference_trace
 from kn_utils.targets import read_position
 from kn_utils.tracing import (TOKEN_CLASSES, aggregate_traces, average_indirect_effect, causal_trace,
                               draw_noise, layer_window, noise_level, restored_score, subject_span,
@@ -44,54 +45,13 @@ def peaky():
     return get
 
 
-def reference_trace(lm, prompt, subject, *, kind, samples, noise, window):
-    """ROME's algorithm written plainly: one forward (all noise samples) per restored cell."""
-    ids, (b, e) = subject_span(lm, prompt, subject)
-    n_tok, n_layers = len(ids), lm.arch.n_layers
-    read = read_position(lm, ids)
-    rng = np.random.RandomState(1)
-    delta = torch.from_numpy(rng.randn(samples, e - b, lm.arch.d_model) * noise).float()
-
-    def corrupt(value):
-        value = value.clone()
-        value[:, b:e] += delta
-        return value
-
-    with torch.no_grad():
-        with record(lm, kind) as clean:
-            logits = lm.model(torch.tensor([ids])).logits[0, read]
-        answer = int(logits.argmax())
-        high = float(logits.softmax(-1)[answer])
-        batch = torch.tensor([ids] * samples)
-
-        def score(restore):
-            def writer(layer, token):
-                def fn(value):
-                    value = value.clone()
-                    value[:, token] = clean[layer][0, token]
-                    return value
-                return fn
-            with modify(lm, "embed", {0: corrupt}), \
-                    modify(lm, kind, {layer: writer(layer, token) for token, layer in restore}):
-                out = lm.model(batch).logits[:, read].softmax(-1)[:, answer]
-            return float(out.mean())
-
-        low = score([])
-        scores = torch.zeros(n_tok, n_layers)
-        for t in range(n_tok):
-            for layer in range(n_layers):
-                layers = [layer] if kind == "hidden" else range(
-                    max(0, layer - window // 2), min(n_layers, layer + window // 2))
-                scores[t, layer] = score([(t, j) for j in layers])
-    return scores, low, high
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
 @pytest.mark.parametrize("kind", ["hidden", "mlp", "attn"])
 def test_fast_path_equals_reference_loop(peaky, family, kind):
     lm = peaky(family)
     prompt, subject = PROMPTS["masked" if lm.arch.is_masked_lm else "causal"]
-    ref, low, high = reference_trace(lm, prompt, subject, kind=kind, samples=3, noise=0.3, window=2)
+    want = reference_trace(lm, prompt, subject, kind=kind, samples=3, noise=0.3, window=2)
+    ref, low, high = want.scores, want.low_score, want.high_score
     got = causal_trace(lm, prompt, subject, kind=kind, samples=3, noise=0.3, window=2)
     assert got.scores.shape == ref.shape == (len(got.tokens), lm.arch.n_layers)
     assert abs(got.low_score - low) < 1e-5 and abs(got.high_score - high) < 1e-5

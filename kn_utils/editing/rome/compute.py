@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ... import targets as tg
-from ...hooks import modify, read_logits
+from ...engine import read_logits
+from ...hooks import modify
 from .stats import layer_keys
 
 KL_PROMPT = "{} is a"
