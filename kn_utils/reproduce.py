@@ -131,9 +131,9 @@ class _Context:
                                                    steps=self.sizes["ig_steps"], progress=False)
         return self._kn[key]
 
-    def figure(self, fig_fn, name, *args, name_kw="name", **kwargs):
+    def figure(self, fig_fn, name, *args, **kwargs):
         """Draw with a kn_utils.plotting function into ``out``; keep the PNG only (reports stay small)."""
-        fig_fn(*args, **{name_kw: name}, folder=self.out, **kwargs)
+        fig_fn(*args, save=name, folder=self.out, **kwargs)
         pdf = self.out / f"{name}.pdf"
         if pdf.exists():
             pdf.unlink()
@@ -437,7 +437,7 @@ def section_fig6b(ctx, sec):
         from .plotting import plot_blimp_accuracy
 
         sec.figures.append(ctx.figure(plot_blimp_accuracy, "fig6b", plot[["paradigm", "before", "after"]],
-                                      name_kw="save", title="BLiMP accuracy before / after the KN edit"))
+                                      title="BLiMP accuracy before / after the KN edit"))
     else:
         sec.text = "No usable paradigm for this model type."
 
