@@ -115,7 +115,12 @@ def run_notebook(path, out=None, *, parameters: dict | None = None, env: dict | 
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return nb, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    # papermill records the whole input notebook (it was given one, not a path) and absolute paths:
+    # keep the file names only, so the stored copies stay small and free of this machine's paths
+    nb.metadata.setdefault("papermill", {}).update(input_path=path.name, output_path=out.name)
+    nbformat.write(nb, out)
+    return nb, seconds
 
 
 def error_outputs(nb) -> list[str]:
