@@ -50,7 +50,7 @@ notebooks: model
 	$(PY) -m kn_utils.notebooks $(NB_PARAMS) $(if $(NB_OUT),--out $(NB_OUT),) localise_kn.ipynb ct_rome.ipynb
 
 # JupyterLab in the project's venv; open a notebook and pick the kernel "kn_utils (.venv)"
-LAB_ARGS ?=
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)  # jupyter refuses root without it (containers)
 lab: install
 	$(VENV)/bin/jupyter lab $(LAB_ARGS)
 
