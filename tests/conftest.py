@@ -45,3 +45,10 @@ def tiny():
             cache[family, seed] = tiny_lm(family, seed)
         return cache[family, seed]
     return get
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    """A private kn_utils cache (models, statistics, templates) for one test."""
+    monkeypatch.setenv("KN_UTILS_CACHE", str(tmp_path))
+    return tmp_path

@@ -14,23 +14,9 @@ import kn_utils as ku
 from kn_utils.editing.base import WeightEdit, live_edits
 from kn_utils.editing.kn import KNEdit, kn_edit, kn_erase
 from kn_utils.editing.rome import ROMEHyperParams, rome_edit
+from tiny_models import snapshot, assert_same
 
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture
-def tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KN_UTILS_CACHE", str(tmp_path))
-    return tmp_path
-
-
-def snapshot(lm):
-    return {name: p.detach().clone() for name, p in lm.model.named_parameters()}
-
-
-def assert_same(lm, snap):
-    for name, p in lm.model.named_parameters():
-        assert torch.equal(p, snap[name]), name
 
 
 class RankOne(WeightEdit):

@@ -18,18 +18,9 @@ from kn_utils.editing.rome import ROMEHyperParams, rome_edit
 from kn_utils.evaluation import evaluate_edits
 from kn_utils.hooks import hook_count
 from kn_utils.tracing import causal_trace, restored_score
+from tiny_models import snapshot
 
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture
-def tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KN_UTILS_CACHE", str(tmp_path))
-    return tmp_path
-
-
-def snapshot(lm):
-    return {name: p.detach().clone() for name, p in lm.model.named_parameters()}
 
 
 def assert_clean(lm, snap):

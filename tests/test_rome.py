@@ -5,12 +5,7 @@ import kn_utils as ku
 from kn_utils.editing.base import WeightEdit
 from kn_utils.editing import rome
 from kn_utils.editing.rome import ROMEEdit, ROMEHyperParams, layer_stats, model_key, rome_edit
-
-
-@pytest.fixture
-def tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KN_UTILS_CACHE", str(tmp_path))
-    return tmp_path
+from tiny_models import snapshot, assert_same
 
 
 @pytest.fixture
@@ -19,15 +14,6 @@ def stats_passes(monkeypatch):
     calls, real = [], rome.stats._corpus_texts
     monkeypatch.setattr(rome.stats, "_corpus_texts", lambda *a, **k: calls.append(a) or real(*a, **k))
     return calls
-
-
-def snapshot(lm):
-    return {name: p.detach().clone() for name, p in lm.model.named_parameters()}
-
-
-def assert_same(lm, snap):
-    for name, p in lm.model.named_parameters():
-        assert torch.equal(p, snap[name]), name
 
 
 def small_hp(**kw):

@@ -114,3 +114,14 @@ def save_tiny(family: str, folder, seed: int = 0) -> str:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+def snapshot(lm):
+    """Copies of every parameter of ``lm.model`` by name (to check a restore bit for bit)."""
+    return {name: p.detach().clone() for name, p in lm.model.named_parameters()}
+
+
+def assert_same(lm, snap):
+    """Every parameter of ``lm.model`` equals its copy in ``snap`` exactly."""
+    for name, p in lm.model.named_parameters():
+        assert torch.equal(p, snap[name]), name
