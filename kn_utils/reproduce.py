@@ -345,16 +345,23 @@ def section_dai(ctx, sec):
                                    paper_col="paper_dai", percent=False))
 
 
-def _blimp_bags(ctx, uids):
-    """(uid, group, pairs, bag rows) for the DNA paradigms: the KN bag is the group's single-token prompts."""
+def _paradigm_pairs(ctx, uid, n):
+    """(minimal pairs of ``uid``, None) or (None, why the model type cannot read the paradigm)."""
     from .data.blimp import minimal_pairs
 
+    try:
+        return minimal_pairs(ctx.lm, uid, data_dir=ctx.data_dir, n=n), None
+    except ValueError as exc:
+        return None, str(exc).split(":")[0]
+
+
+def _blimp_bags(ctx, uids):
+    """(uid, group, pairs, bag rows) for the DNA paradigms: the KN bag is the group's single-token prompts."""
     out, skipped, sources = [], [], set()
     for uid in uids:
-        try:
-            pairs = minimal_pairs(ctx.lm, uid, data_dir=ctx.data_dir, n=ctx.sizes["fig6b_pairs"])
-        except ValueError as exc:
-            skipped.append((uid, str(exc).split(":")[0][:120]))
+        pairs, why = _paradigm_pairs(ctx, uid, ctx.sizes["fig6b_pairs"])
+        if pairs is None:
+            skipped.append((uid, why[:120]))
             continue
         sources.add(pairs.attrs.get("data_source") or "")
         for group in ("singular", "plural"):
@@ -472,15 +479,14 @@ def section_table9(ctx, sec):
 
 def section_blimp(ctx, sec):
     from . import blimp_accuracy
-    from .data.blimp import PAPER_PARADIGMS, minimal_pairs
+    from .data.blimp import PAPER_PARADIGMS
     from .stats import wilson
 
     rows, skipped, sources = [], [], set()
     for uid in PAPER_PARADIGMS:
-        try:
-            pairs = minimal_pairs(ctx.lm, uid, data_dir=ctx.data_dir, n=ctx.sizes["blimp_n"])
-        except ValueError as exc:
-            skipped.append({"paradigm": uid, "why": str(exc).split(":")[0][:160]})
+        pairs, why = _paradigm_pairs(ctx, uid, ctx.sizes["blimp_n"])
+        if pairs is None:
+            skipped.append({"paradigm": uid, "why": why[:160]})
             continue
         if pairs.empty:
             skipped.append({"paradigm": uid, "why": "no usable pair"})
