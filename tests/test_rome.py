@@ -369,3 +369,44 @@ def test_covariance_without_a_corpus_fails_clearly(tiny, tmp_cache, monkeypatch)
     # the paper's configuration needs no corpus
     rome_edit(lm, "The capital of France is", "France", "Rome", small_hp(mom2_dataset="auto")).restore()
     assert_same(lm, snap)
+
+
+# ------------------------------------------------------------------------------------------ v* suffix path
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "opt", "gpt_neox", "qwen2"])
+@pytest.mark.parametrize("loss_layer", [None, 1])
+def test_v_star_suffix_path_matches_full_forwards(tiny, family, loss_layer):
+    """v*'s Adam steps over the positions from the first subject end on (the rest once into a KV
+    cache, rows left-padded) give the v* of the plain loop that runs every position every step."""
+    from kn_utils.editing.rome import compute, templates as tpl
+
+    lm = tiny(family)
+    if not compute.suffix_supported(lm):
+        pytest.skip(f"{family}: forward takes no position_ids")
+    # prefixes of different lengths, so rows need padding and subject ends differ
+    templates = ["{}", "Once upon a time. {}", "It is. {}", "A long story of the old days began. {}"]
+    hp = small_hp(layer=1, v_num_grad_steps=6, v_loss_layer=loss_layer).resolve(lm)
+    prompt, subject = "The capital of France is", "France"
+    results = {}
+    from kn_utils.hooks import grad_ready
+    for suffix in (False, True):
+        with grad_ready(lm.model):
+            results[suffix] = compute.compute_v(lm, hp, templates, prompt, subject, "Rome ville",
+                                                suffix=suffix)
+    (v_full, init_full, info_full), (v_fast, init_fast, info_fast) = results[False], results[True]
+    assert info_fast["suffix"] and not info_full["suffix"]
+    assert info_fast["positions_per_step"] < info_full["positions_per_step"]
+    assert ((init_fast - init_full).norm() / init_full.norm()).item() <= 1e-5
+    assert ((v_fast - v_full).norm() / v_full.norm()).item() <= 1e-4
+    assert info_fast["steps"] == info_full["steps"]
+    assert max(abs(a - b) for a, b in zip(info_fast["nll"], info_full["nll"])) <= 1e-4
+
+
+def test_v_star_suffix_refused_for_a_masked_lm(tiny):
+    from kn_utils.editing.rome import compute
+    from kn_utils.hooks import grad_ready
+
+    lm = tiny("bert")
+    hp = small_hp(layer=1).resolve(lm)
+    with grad_ready(lm.model), pytest.raises(ValueError, match="suffix=True"):
+        compute.compute_v(lm, hp, ["{}"], "The capital of France is [MASK].", "France", "Rome",
+                          suffix=True)

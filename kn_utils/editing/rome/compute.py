@@ -10,6 +10,7 @@ The update (REFERENCE.md §4), with u = C⁻¹k* (k* when C is off):
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ... import targets as tg
-from ...engine import read_logits
+from ...engine import _forward_params as forward_params, cache_args, read_logits, returned_cache
 from ...hooks import modify
 from .stats import layer_keys
 
@@ -89,22 +90,105 @@ def _logits_fn(lm, v_loss_layer):
     return lambda hidden: lm.arch.unembed(lm.arch.final_norm(hidden))
 
 
+class _Batch:
+    """The rows of v*'s optimisation laid out for the forwards of the Adam steps.
+
+    ``suffix=False``: right-padded rows, every position run at every step.  ``suffix=True`` (causal
+    LMs): δ is added at each row's subject end, so nothing before the earliest subject end changes
+    between steps; rows are left-padded (explicit position ids keep every token's position), the
+    positions before that point run once into a KV cache, and each step runs only the rest.
+    ``sub`` / ``read_pos`` are indices into the positions a step runs.
+    """
+
+    def __init__(self, lm, rows, read_rows, read_pos, suffix: bool):
+        self.lm, self.suffix = lm, suffix
+        dev = lm.device
+        if not suffix:
+            self.ids, self.mask = tg.pad_batch(lm, [r.ids for r in rows])
+            self.sub = torch.as_tensor([r.subject_index for r in rows], device=dev)
+            self.read_pos, self.past, self.start, self.positions = read_pos, None, 0, None
+            self.end = self.ids.shape[1]
+            return
+        width = max(len(r.ids) for r in rows)
+        pads = [width - len(r.ids) for r in rows]
+        pad = lm.tokenizer.pad_token_id
+        pad = (lm.tokenizer.eos_token_id or 0) if pad is None else pad
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, n) in enumerate(zip(rows, pads)):
+            ids[i, n:] = torch.as_tensor(r.ids, dtype=torch.long)
+            mask[i, n:] = 1
+        self.ids, self.mask = ids.to(dev), mask.to(dev)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        shift = torch.as_tensor(pads, device=dev)
+        self.start = int(min(r.subject_index + n for r, n in zip(rows, pads)))
+        self.sub = torch.as_tensor([r.subject_index for r in rows], device=dev) + shift - self.start
+        self.read_pos = read_pos + shift[read_rows] - self.start
+        # rows end together; the last tokens (the target's last) are inputs no read position sees
+        self.end = int(max(int((read_pos + shift[read_rows]).max()), int((self.sub + self.start).max())) + 1)
+        self.past = None
+        if self.start > 0:
+            self.past = prefix_cache_at(lm, self.ids[:, :self.start], self.mask[:, :self.start],
+                                        self.positions[:, :self.start])
+
+    def forward_kwargs(self) -> dict:
+        if not self.suffix:
+            return {"input_ids": self.ids, "attention_mask": self.mask}
+        mask = self.mask[:, :self.end]
+        kwargs = {"input_ids": self.ids[:, self.start:self.end], "attention_mask": mask,
+                  "position_ids": self.positions[:, self.start:self.end]}
+        if self.past is not None:   # a forward appends to the cache it is given: each step a copy
+            kwargs.update(cache_args(self.lm, copy.deepcopy(self.past), mask))
+        else:
+            kwargs["use_cache"] = False
+        return kwargs
+
+
+@torch.no_grad()
+def prefix_cache_at(lm, ids, mask, positions):
+    """KV cache of left-padded ``ids`` with their own position ids."""
+    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache = returned_cache(out)
+    if cache is None:
+        raise ValueError(f"{lm.name} returned no KV cache: pass suffix=False")
+    return cache
+
+
+def suffix_supported(lm) -> bool:
+    """Whether v*'s steps can run only the positions from the first subject end on (a causal LM
+    whose forward takes position ids, so that left padding keeps every token's position)."""
+    return not lm.arch.is_masked_lm and "position_ids" in forward_params(type(lm.model))
+
+
 def compute_v(lm, hp, templates, prompt: str, subject: str, target_new: str,
-              progress: bool = False):
-    """(v*, v_init, info): the MLP output at the subject's last token that makes ``target_new`` likely."""
+              progress: bool = False, suffix: bool | None = None):
+    """(v*, v_init, info): the MLP output at the subject's last token that makes ``target_new`` likely.
+
+    ``suffix`` (None: whenever :func:`suffix_supported`): run each Adam step only over the positions
+    that δ changes, the rest once into a KV cache (:class:`_Batch`); ``False`` runs every position at
+    every step (the plain loop the fast one is tested against)."""
     layer = hp.layer
     rew = [r for t in templates for r in _rows(lm, t, prompt, subject, target_new)]
     kl_rows = _rows(lm, "{}", KL_PROMPT.format(subject), subject, None) if not lm.arch.is_masked_lm else []
     rows = rew + kl_rows
-    ids, mask, sub = _batch(lm, rows)
     n_rew = len(rew)
-    dev = ids.device
-    r_idx = torch.as_tensor([i for i, r in enumerate(rew) for _ in r.positions], device=dev)
-    p_idx = torch.as_tensor([p for r in rew for p in r.positions], device=dev)
-    t_idx = torch.as_tensor([t for r in rew for t in r.targets], device=dev)
+    dev = lm.device
+    r_idx = torch.as_tensor([i for i, r in enumerate(rew) for _ in r.positions], device=dev, dtype=torch.long)
+    p_idx = torch.as_tensor([p for r in rew for p in r.positions], device=dev, dtype=torch.long)
+    t_idx = torch.as_tensor([t for r in rew for t in r.targets], device=dev, dtype=torch.long)
     # target tokens per template: one row with them all (decoders) or one row each (masked LMs)
     n_tok = len(t_idx) // len(templates)
-    at_subject = torch.zeros(len(rows), ids.shape[1], 1, device=dev)
+    sub_abs = torch.as_tensor([r.subject_index for r in rows], device=dev)
+    # the logits are read at the target positions, then at the KL rows' subject ends: only there
+    read_rows = torch.cat([r_idx, torch.arange(n_rew, len(rows), device=dev)])
+    read_abs = torch.cat([p_idx, sub_abs[n_rew:]])
+    if suffix is None:
+        suffix = suffix_supported(lm)
+    elif suffix and not suffix_supported(lm):
+        raise ValueError(f"suffix=True needs a causal LM whose forward takes position_ids ({lm.name})")
+    batch = _Batch(lm, rows, read_rows, read_abs, suffix)
+    sub, read_pos = batch.sub, batch.read_pos
+    at_subject = torch.zeros(len(rows), batch.end - batch.start, 1, device=dev)
     at_subject[torch.arange(len(rows), device=dev), sub] = 1.0
 
     delta = torch.zeros(lm.arch.d_model, device=dev, dtype=torch.float32, requires_grad=True)
@@ -119,22 +203,20 @@ def compute_v(lm, hp, templates, prompt: str, subject: str, target_new: str,
     project = _logits_fn(lm, hp.v_loss_layer)
     # the output of the projection whose weights the edit changes (before Gemma's post-MLP norm)
     fns = {"mlp_proj": {layer: edit_output}}
-    # the logits are read at the target positions, then at the KL rows' subject ends: only there
-    read_rows = torch.cat([r_idx, torch.arange(n_rew, len(rows), device=dev)])
-    read_pos = torch.cat([p_idx, sub[n_rew:]])
     n_scored = len(r_idx)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     kl_init = None
-    info = {"steps": 0, "nll": [], "p_target": []}
+    info = {"steps": 0, "nll": [], "p_target": [], "suffix": bool(suffix),
+            "positions_per_step": int(batch.end - batch.start)}
     bar = tqdm(range(hp.v_num_grad_steps), desc="ROME v*", disable=not progress, leave=False)
     for step in bar:
         with modify(lm, "mlp_proj", fns["mlp_proj"]):
             if project is not None:
                 with modify(lm, "hidden", {hp.v_loss_layer: lambda v: loss_hidden.__setitem__("h", v)}):
-                    lm.model(input_ids=ids, attention_mask=mask)
+                    lm.model(**batch.forward_kwargs())
                 logits = project(loss_hidden.pop("h")[read_rows, read_pos])
             else:
-                logits = read_logits(lm, read_rows, read_pos, input_ids=ids, attention_mask=mask)
+                logits = read_logits(lm, read_rows, read_pos, **batch.forward_kwargs())
         scored = logits[:n_scored].float().log_softmax(-1)
         token_logp = scored[torch.arange(len(t_idx), device=dev), t_idx]
         nll = -token_logp.sum() / len(t_idx)  # mean over templates of the per-target NLL / n_tok
