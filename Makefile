@@ -15,7 +15,7 @@ unexport KN_DATA_DIR
 endif
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install model demo notebooks lab test test-fast bench clean-results gpu-prep reproduce
+.PHONY: install model demo notebooks lab test test-fast bench clean-results gpu-prep reproduce readme-headline
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -79,6 +79,11 @@ REPRO_SCALE ?= report
 REPRO_ARGS ?=
 reproduce: model
 	$(PY) -m kn_utils reproduce --model $(REPRO_MODEL) --scale $(REPRO_SCALE) $(REPRO_ARGS)
+	$(MAKE) readme-headline
+
+# the README's headline table, from every reports/<model>/headline.csv
+readme-headline:
+	$(PY) -c "from kn_utils.reproduce import update_readme; update_readme()"
 
 clean-results:
 	rm -rf results

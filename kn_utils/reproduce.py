@@ -710,12 +710,117 @@ def reproduce(lm, scale: str = "smoke", out=None, *, sections=None, data_dir=Non
         done.append(sec)
         if progress:
             print(f"[reproduce] {key}: {sec.seconds:.1f} s" + (" FAILED" if sec.error else ""), flush=True)
-    total = time.perf_counter() - start
+        # written after every section, so a run stopped part-way keeps what it finished
+        path = _write(out, done, sections, lm=lm, model_name=model_name, scale=scale,
+                      total=time.perf_counter() - start, sizes=ctx.sizes, data_dir=data_dir)
+    return Report(path=path, sections=done, seconds=time.perf_counter() - start)
+
+
+def _write(out, done, planned, *, lm, model_name, scale, total, sizes, data_dir) -> Path:
+    headline(done).to_csv(out / "headline.csv", index=False)
     path = out / "REPORT.md"
-    path.write_text(render(done, lm=lm, model_name=model_name, scale=scale, total=total, sizes=ctx.sizes,
-                           data_dir=data_dir),
-                    encoding="utf-8")
-    return Report(path=path, sections=done, seconds=total)
+    text = render(done, lm=lm, model_name=model_name, scale=scale, total=total, sizes=sizes,
+                  data_dir=data_dir)
+    missing = [k for k in planned if k not in {s.key for s in done}]
+    if missing:
+        text = text.replace("\n", f"\n\n**Incomplete**: still to run: {', '.join(missing)}.\n", 1)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _table(sections, key, name="summary"):
+    for s in sections:
+        if s.key == key and not s.error and not s.skipped and name in s.tables:
+            return s.tables[name]
+    return None
+
+
+def headline(sections) -> pd.DataFrame:
+    """One row per headline result of a run: ours with its 95 % interval and n beside the paper's
+    number and the setting the paper's number comes from."""
+    rows = []
+
+    def add(result, ours, lo, hi, n, paper_value, paper_setting):
+        rows.append({"result": result, "ours": ours, "ci_lo": lo, "ci_hi": hi, "n": n,
+                     "paper": paper_value, "paper_setting": paper_setting})
+
+    t1 = _table(sections, "table1")
+    if t1 is not None:
+        for rel in TABLE1_RELATIONS:
+            crit = paper.PAPER_TABLE1[rel][0]
+            for metric in ("reliability", crit):
+                r = t1[(t1.editor == "rome") & (t1.relation == rel) & (t1.metric == metric)]
+                if len(r):
+                    r = r.iloc[0]
+                    add(f"Table 1 ROME {rel} {metric} (token acc. %)", r.ours, r.ci_lo, r.ci_hi, r.n,
+                        r.paper_gpt2xl, "GPT-2 XL")
+    cf = _table(sections, "counterfact")
+    if cf is not None:
+        for editor in ("rome", "kn"):
+            for metric in ("efficacy", "paraphrase", "neighborhood", "score"):
+                r = cf[(cf.editor == editor) & (cf.metric == metric)]
+                if len(r):
+                    r = r.iloc[0]
+                    add(f"CounterFact {editor.upper()} {metric} (%)", r.ours, r.get("ci_lo", np.nan),
+                        r.get("ci_hi", np.nan), r.n, r.paper_gpt2xl, "ROME paper, GPT-2 XL, n = 7,500")
+    dai = _table(sections, "dai")
+    if dai is not None:
+        for _, r in dai.iterrows():
+            add(f"Dai et al.: {r.measure}", r.ours, r.ci_lo, r.ci_hi, r.n, r.paper_dai, "BERT-base, PARAREL")
+    bl = _table(sections, "blimp")
+    if bl is not None and len(bl):
+        add("BLiMP paradigms above chance (count)", float(bl.above_chance.sum()), np.nan, np.nan, len(bl),
+            np.nan, "")
+    f6 = _table(sections, "fig6b")
+    if f6 is not None and len(f6):
+        d = summarize(f6["drop"])
+        add("Fig 6b: accuracy drop after the KN edit (points)", d["mean"], d["lo"], d["hi"], d["n"],
+            paper.FIG6B_MAX_DROP, "BERT, at most (Fig 6b)")
+    for key, label in (("table8", "Table 8"), ("table9", "Table 9")):
+        t = _table(sections, key)
+        if t is not None and len(t) and "r2" in t:
+            d = summarize(t["r2"].dropna())
+            add(f"{label}: mean R2_1 over {'bags' if key == 'table8' else 'relations'}", d["mean"], d["lo"],
+                d["hi"], d["n"], np.nan, "see the section")
+    tr = _table(sections, "tracing")
+    if tr is not None and len(tr):
+        rt = paper.ROME_TRACING
+        for _, r in tr.iterrows():
+            ref_m = rt["mlp_at_peak"] if r["items"] == "facts" else np.nan
+            ref_a = rt["attn_at_peak"] if r["items"] == "facts" else np.nan
+            setting = "ROME, GPT-2 XL" if r["items"] == "facts" else ""
+            add(f"AIE {r['items']}: MLP peak at last subject token (%, layer {int(r.layer_mlp_lst)})",
+                r.peak_mlp_lst, r.peak_mlp_lst - r.peak_mlp_lst_ci95, r.peak_mlp_lst + r.peak_mlp_lst_ci95,
+                r.n_traced, ref_m, setting)
+            add(f"AIE {r['items']}: attention peak at last subject token (%, layer {int(r.layer_attn_lst)})",
+                r.peak_attn_lst, np.nan, np.nan, r.n_traced, ref_a, setting)
+    return pd.DataFrame(rows, columns=["result", "ours", "ci_lo", "ci_hi", "n", "paper", "paper_setting"])
+
+
+README_START, README_END = "<!-- reproduction-headline:start -->", "<!-- reproduction-headline:end -->"
+
+
+def update_readme(readme=None, reports=None) -> str:
+    """Write the headline table of every ``reports/<model>/headline.csv`` into the README between
+    the reproduction-headline markers (generated, so the README shows what the reports measured)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = Path(readme or root / "README.md")
+    reports = Path(reports or root / "reports")
+    blocks = []
+    for csv in sorted(reports.glob("*/headline.csv")):
+        df = pd.read_csv(csv)
+        meta = (csv.parent / "REPORT.md").read_text(encoding="utf-8").splitlines()[:8]
+        info = [m[2:] for m in meta if m.startswith(("- scale", "- total wall time", "- commit"))]
+        blocks += [f"**{csv.parent.name}** ([REPORT.md](reports/{csv.parent.name}/REPORT.md); "
+                   + "; ".join(info) + ")", "", markdown_table(df), ""]
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} markers")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    body = "\n".join(blocks) if blocks else "(no report generated yet: `make reproduce`)"
+    readme.write_text(head + README_START + "\n" + body + "\n" + README_END + tail, encoding="utf-8")
+    return body
 
 
 def render(sections, *, lm, model_name, scale, total, sizes=None, data_dir=None) -> str:
@@ -738,6 +843,9 @@ def render(sections, *, lm, model_name, scale, total, sizes=None, data_dir=None)
              "| section | wall time (s) | status |", "|---|---|---|"]
     lines += [f"| [{s.title}](#{s.key}) | {s.seconds:.1f} | "
               f"{'FAILED' if s.error else 'skipped' if s.skipped else 'ok'} |" for s in sections]
+    lines += ["", "## Headline ([headline.csv](headline.csv))", "",
+              "Ours with its 95 % interval and n; the paper's number is from another model and setting "
+              "(last column), so it is context, not a target.", "", markdown_table(headline(sections))]
     for s in sections:
         lines += ["", f'<a id="{s.key}"></a>', f"## {s.title}", "",
                   f"Wall time {s.seconds:.1f} s. Source of the paper's numbers: "
@@ -761,4 +869,4 @@ def render(sections, *, lm, model_name, scale, total, sizes=None, data_dir=None)
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["SCALES", "SECTIONS", "Report", "Section", "SectionSkipped", "reproduce", "render", "markdown_table", "git_commit"]
+__all__ = ["SCALES", "SECTIONS", "Report", "headline", "update_readme", "Section", "SectionSkipped", "reproduce", "render", "markdown_table", "git_commit"]

@@ -160,8 +160,16 @@ def test_smoke_report_every_section(tiny, tmp_path, builtin_only):
     skipped = set(pd.read_csv(tmp_path / "blimp_skipped.csv").paradigm)
     assert measured | skipped == set(ku.data.blimp.PAPER_PARADIGMS) and not measured & skipped
     assert "two-prefix" in text
+    # the headline gathers the sections' key results, the same numbers as their tables
+    head = pd.read_csv(tmp_path / "headline.csv")
+    assert "## Headline" in text and "headline.csv" in text
+    rel = head[head.result == "Table 1 ROME P36 reliability (token acc. %)"].iloc[0]
+    want = t1[(t1.editor == "rome") & (t1.relation == "P36") & (t1.metric == "reliability")].iloc[0]
+    assert rel.ours == pytest.approx(want.ours) and rel.paper == pytest.approx(want.paper_gpt2xl)
+    assert head.result.str.startswith("Dai et al.").sum() == 3
+    assert head.result.str.startswith("AIE facts").sum() == 2
     # each interval holds its estimate
-    for name in ("dai_summary", "table1_summary"):
+    for name in ("dai_summary", "table1_summary", "headline"):
         df = pd.read_csv(tmp_path / f"{name}.csv").dropna(subset=["ci_lo", "ci_hi"])
         assert ((df.ci_lo <= df.ours + 1e-9) & (df.ours <= df.ci_hi + 1e-9)).all(), name
 
@@ -229,3 +237,56 @@ def test_blimp_section_on_the_default_model(default_lm, tmp_path, data_dir):
     assert len(table) == 10 and (table.n == 30).all()
     assert table.above_chance.mean() >= 0.5
     assert "blimp/" in rep.path.read_text()   # the data set, not the built-in mini set
+
+
+def test_report_is_written_after_each_section(tiny, tmp_path, builtin_only, monkeypatch):
+    """A run stopped part-way keeps the sections it finished, and says what was still to run."""
+    seen = {}
+
+    def stop(ctx, sec):
+        seen["text"] = (tmp_path / "REPORT.md").read_text()
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(reproduce.SECTION_FUNCTIONS, "tracing", stop)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.reproduce(tiny("llama"), "smoke", tmp_path, sections=["blimp", "tracing"])
+    assert reproduce.TITLES["blimp"] in seen["text"]
+    assert "**Incomplete**: still to run: tracing" in seen["text"]
+
+
+def test_update_readme_splices_each_models_headline(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{reproduce.README_START}\nold\n{reproduce.README_END}\nrest\n")
+    for model, value in (("default", 61.5), ("gemma-3-270m", 12.25)):
+        folder = tmp_path / "reports" / model
+        folder.mkdir(parents=True)
+        pd.DataFrame([{"result": "Table 1 ROME P36 reliability (token acc. %)", "ours": value, "ci_lo": 1.0,
+                       "ci_hi": 99.0, "n": 100, "paper": 100.0, "paper_setting": "GPT-2 XL"}]
+                     ).to_csv(folder / "headline.csv", index=False)
+        (folder / "REPORT.md").write_text(f"# Reproduction report: {model}\n\n- scale: `report`\n"
+                                          f"- commit: `abc`\n- total wall time: 10.0 s\n")
+    reproduce.update_readme(readme, tmp_path / "reports")
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
+    assert "61.50" in text and "12.25" in text and "reports/gemma-3-270m/REPORT.md" in text
+    assert "total wall time: 10.0 s" in text
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        reproduce.update_readme(readme, tmp_path / "reports")
+
+
+def test_size_overrides_on_the_command_line(tmp_path, builtin_only):
+    from kn_utils.commands.reproduce import parse_sizes
+
+    assert parse_sizes(["rome_n=30", "max_relations=none"]) == {"rome_n": 30, "max_relations": None}
+    for bad, msg in (("rome_n", "NAME=VALUE"), ("rome_n=3.5", "not an integer")):
+        with pytest.raises(ValueError, match=msg):
+            parse_sizes([bad])
+    folder = tmp_path / "model"
+    save_tiny("llama", folder)
+    out = tmp_path / "report"
+    assert main(["reproduce", "--model", str(folder), "--scale", "smoke", "--sections", "blimp",
+                 "--out", str(out), "--device", "cpu", "--size", "blimp_n=4"]) == 0
+    assert "'blimp_n': 4" in (out / "REPORT.md").read_text()
+    with pytest.raises(ValueError, match="unknown sizes"):
+        main(["reproduce", "--model", str(folder), "--scale", "smoke", "--size", "blimp_m=4"])

@@ -13,16 +13,41 @@ def add_arguments(parser):
     parser.add_argument("--sections", nargs="+", default=None, choices=SECTIONS, help="a subset of the sections")
     parser.add_argument("--data-dir", default=None, help="data sets folder (default: $KN_DATA_DIR or ../shared/data)")
     parser.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, float16)")
+    parser.add_argument("--size", action="append", default=[], metavar="NAME=VALUE",
+                        help="override one size of the scale (repeatable), e.g. --size rome_n=30; "
+                             "the report lists the sizes used and says they were overridden")
+
+
+def parse_sizes(items) -> dict:
+    """["rome_n=30", "max_relations=none"] -> {"rome_n": 30, "max_relations": None}."""
+    sizes = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--size takes NAME=VALUE, got {item!r}")
+        value = value.strip()
+        if value.lower() in ("none", "all"):
+            sizes[name.strip()] = None
+            continue
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"--size {name.strip()}: {value!r} is not an integer (or 'none')") from None
+    return sizes
 
 
 def run(args) -> int:
     import kn_utils as ku
     from kn_utils.reproduce import _safe_name, reproduce
 
+    from kn_utils.reproduce import _check_args
+
+    sizes = parse_sizes(args.size)
+    _check_args(args.scale, args.sections, sizes)   # a bad size fails before the model loads
     lm = ku.load_model(args.model, device=args.device, dtype=args.dtype)
     out = args.out or f"reports/{_safe_name(args.model)}"
     report = reproduce(lm, args.scale, out, sections=args.sections, data_dir=args.data_dir,
-                       model_name=args.model, progress=True)
+                       model_name=args.model, progress=True, sizes=sizes or None)
     print(f"{report.path} ({report.seconds:.0f} s)")
     if report.failed:
         print(f"FAILED sections (errors are in the report): {', '.join(report.failed)}")
