@@ -377,7 +377,7 @@ def test_covariance_without_a_corpus_fails_clearly(tiny, tmp_cache, monkeypatch)
 def test_v_star_suffix_path_matches_full_forwards(tiny, family, loss_layer):
     """v*'s Adam steps over the positions from the first subject end on (the rest once into a KV
     cache, rows left-padded) give the v* of the plain loop that runs every position every step."""
-    from kn_utils.editing.rome import compute, templates as tpl
+    from kn_utils.editing.rome import compute
 
     lm = tiny(family)
     if not compute.suffix_supported(lm):
