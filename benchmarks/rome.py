@@ -1,4 +1,5 @@
-"""Time one ROME edit with and without covariance statistics, and the statistics pass in tokens/s.
+"""Time one ROME edit with and without covariance statistics, the statistics pass in tokens/s, and
+v*'s Adam steps over the suffix positions (the fast path) against the loop over every position.
 
     python benchmarks/rome.py                         # CPU preset: default model, small settings
     python benchmarks/rome.py --device cuda --preset gpu
@@ -76,6 +77,37 @@ def main(argv=None):
         print(f"ROME edit ({hp.v_num_grad_steps} steps, {len(rome.context_templates(lm, hp.context_template_length_params))} "
               f"prompts), covariance {'on (cached)' if mom2 else 'off'}: best {min(times):.2f} s "
               f"of {len(times)}; top-1 after edit {top[0]!r} p={top[1]:.3f}")
+
+    # v*: the fast path (positions from the first subject end on, the rest in a KV cache) against
+    # the plain loop that runs every position at every step, same rows, same steps
+    from kn_utils import targets
+    from kn_utils.editing.rome import compute
+    from kn_utils.hooks import grad_ready
+
+    hp.mom2_adjustment = False
+    templates = rome.context_templates(lm, hp.context_template_length_params)
+    prompt = targets.check_prompt(lm, request[0])
+    timing, result = {}, {}
+    for suffix in (False, True):
+        if suffix and not compute.suffix_supported(lm):
+            break
+        best = float("inf")
+        for _ in range(cfg["repeats"]):
+            sync(lm.device)
+            start = time.perf_counter()
+            with grad_ready(lm.model):
+                result[suffix] = compute.compute_v(lm, hp, templates, prompt, request[1], request[2],
+                                                   suffix=suffix)
+            sync(lm.device)
+            best = min(best, time.perf_counter() - start)
+        timing[suffix] = best
+    if True in timing:
+        full, fast = result[False], result[True]
+        diff = float((fast[0] - full[0]).norm() / full[0].norm())
+        print(f"v* ({full[2]['steps']} Adam steps, {len(templates)} prompts + KL): every position "
+              f"({full[2]['positions_per_step']} per row) {timing[False]:.2f} s, suffix "
+              f"({fast[2]['positions_per_step']} per row) {timing[True]:.2f} s: "
+              f"{timing[False] / timing[True]:.1f}x; relative difference of v* {diff:.1e}")
 
 
 if __name__ == "__main__":

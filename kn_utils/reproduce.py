@@ -229,7 +229,7 @@ def section_table1(ctx, sec):
                                 ("reliability (prob)", "reliability_prob"), (f"{crit} (prob)", f"{crit}_prob")):
                 if col not in df:
                     continue
-                rec = {"editor": editor, "relation": rel, "metric": metric, **_pct(summarize(df[col]))}
+                rec = {"editor": editor, "relation": rel, "metric": metric, **_pct(summarize(df[col], bounds=(0, 1)))}
                 # KN rows are never put beside ROME's published numbers
                 ref = paper.PAPER_TABLE1[rel][1]["gpt2-xl"] if editor == "rome" else None
                 rec["paper_gpt2xl"] = (ref[0] if metric == "reliability" else ref[1] if metric == crit
@@ -281,7 +281,7 @@ def section_counterfact(ctx, sec):
         items.append(df)
         scores[editor] = summarize_counterfact(df)
         for m in METRICS:
-            rec = {"editor": editor, "metric": m, **_pct(summarize(df[m])),
+            rec = {"editor": editor, "metric": m, **_pct(summarize(df[m], bounds=(0, 1))),
                    "before_edit": 100 * df[f"{m}_pre"].mean(), "paper_gpt2xl": paper.ROME_COUNTERFACT[editor][m]}
             rows.append(rec)
         rows.append({"editor": editor, "metric": "score", "ours": scores[editor]["score"],

@@ -56,9 +56,11 @@ def is_binary(values) -> bool:
     return len(x) > 0 and bool(np.isin(x, (0.0, 1.0)).all())
 
 
-def summarize(values, confidence: float = 0.95) -> dict:
+def summarize(values, confidence: float = 0.95, bounds: tuple[float, float] | None = None) -> dict:
     """mean, 95 % interval and n of ``values``: Wilson when every value is 0 or 1 (a proportion),
-    else the t interval of the mean.  ``method`` names which."""
+    else the t interval of the mean.  ``method`` names which.  ``bounds``: the range the quantity
+    lives in (e.g. (0, 1) for a mean of per-item fractions); a t interval reaching past it is cut
+    there (``method`` "t, clipped"), since no mean can lie outside."""
     x = _values(values)
     if is_binary(x):
         lo, hi = wilson(int(x.sum()), len(x), confidence)
@@ -66,6 +68,9 @@ def summarize(values, confidence: float = 0.95) -> dict:
     else:
         lo, hi = t_interval(x, confidence)
         method = "t"
+        if bounds is not None and (lo < bounds[0] or hi > bounds[1]):
+            lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+            method = "t, clipped"
     return {"mean": float(x.mean()) if len(x) else float("nan"), "lo": lo, "hi": hi, "n": int(len(x)),
             "method": method}
 

@@ -202,3 +202,23 @@ def test_logits_read_only_where_needed_equal_full_logits(tiny, family):
     finally:
         handle.remove()
     assert seen == [torch.Size([1, 4, lm.arch.unembed.in_features])]
+
+
+def test_kn_edit_uses_the_embedding_table_not_its_scaled_output(gemma):
+    """Decision for Gemma (√d-scaled embeddings): the KN edit's e(t) is the row of the embedding
+    *table*, as Dai's and the paper's code take ``word_embeddings.weight``; with tied weights that row
+    is also the unembedding's, the direction the value slot writes towards.  Not the row × √d that
+    the embedding module outputs."""
+    from kn_utils.editing.kn import first_token_id
+
+    lm = gemma
+    table = lm.arch.embed.weight.detach().double()
+    old, new = first_token_id(lm, "Paris", None), first_token_id(lm, "Rome", None)
+    with torch.no_grad():
+        scaled = lm.arch.embed(torch.tensor([[new]])).double()[0, 0]
+    assert not torch.allclose(scaled, table[new])   # the module does scale: the two choices differ
+    before = lm.arch.value_slots(1)[[3, 5]].detach().double().clone()
+    with ku.kn_edit(lm, [(1, 3), (1, 5)], "Paris", "Rome", lambda1=1.0, lambda2=8.0):
+        after = lm.arch.value_slots(1)[[3, 5]].detach().double()
+        want = before + (8.0 * table[new] - table[old])
+        assert torch.allclose(after, want.to(after.dtype).double(), atol=1e-6)

@@ -68,6 +68,13 @@ def test_summarize_picks_wilson_for_proportions_and_t_for_means():
     assert (s["lo"], s["hi"]) == pytest.approx(stats.wilson(3, 4))
     s = stats.summarize([0.5, 1.0, 0.25])
     assert s["method"] == "t" and (s["lo"], s["hi"]) == pytest.approx(stats.t_interval([0.5, 1.0, 0.25]))
+    # a mean of fractions cannot leave [0, 1]: a t interval that would is cut there and says so
+    x = [1.0, 1.0, 1.0, 0.5]
+    lo, hi = stats.t_interval(x)
+    assert hi > 1.0
+    s = stats.summarize(x, bounds=(0, 1))
+    assert s["method"] == "t, clipped" and s["hi"] == 1.0 and s["lo"] == pytest.approx(lo)
+    assert stats.summarize([0.5, 0.6, 0.55], bounds=(0, 1))["method"] == "t"
 
 
 # ---------------------------------------------------------------------------------------------
