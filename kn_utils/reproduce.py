@@ -440,7 +440,7 @@ def section_fig6b(ctx, sec):
                     f"{paper.FIG6B_MAX_DROP}); {100 * small:.0f} % of the {len(table)} edits flip at most "
                     f"{paper.FIG6B_MAX_DROP} % of pairs, so the paper's finding (KN edits rarely change the "
                     f"grammaticality judgement) {'holds' if small == 1 else 'holds only in part'} "
-                    f"({_sure(len(table), drops['lo'], drops['hi'])} edits, at least {int(table['n_pairs'].min())} "
+                    f"({_sure(len(table), drops['lo'], drops['hi'])}: {len(table)} edits, at least {int(table['n_pairs'].min())} "
                     f"pairs per paradigm).")
         plot = table.assign(paradigm=table.paradigm.str.replace("determiner_noun_agreement", "dna") + " " + table.group,
                             before=table.before, after=table.after_edit)
