@@ -2,6 +2,7 @@
 v*'s Adam steps over the suffix positions (the fast path) against the loop over every position.
 
     python benchmarks/rome.py                         # CPU preset: default model, small settings
+    python benchmarks/rome.py --preset cpu-paper           # the paper's 20 steps and 21 prompts
     python benchmarks/rome.py --device cuda --preset gpu
 
 The statistics are collected once (timed, tokens/s) and then read from the on-disk cache, so the
@@ -22,6 +23,8 @@ from common import bench_tokenizer, random_lm, sync
 PRESETS = {
     "cpu": dict(stats_tokens=5_000, steps=10, context=[[5, 3]], repeats=1),
     "gpu": dict(stats_tokens=100_000, steps=20, context=[[5, 10], [10, 10]], repeats=3),
+    # the paper's v* settings (20 steps, ROME's 21 context prompts) with a small statistics pass
+    "cpu-paper": dict(stats_tokens=5_000, steps=20, context=[[5, 10], [10, 10]], repeats=1),
 }
 
 
