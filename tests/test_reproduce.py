@@ -231,6 +231,10 @@ def test_counterfact_section_with_the_data(tiny, tmp_path, data_dir):
         got = table[(table.editor == editor) & (table.metric == "score")]["ours"].item()
         assert got == pytest.approx(want)
     assert "counterfact-edit.json" in rep.path.read_text()
+    # the setting differs from ROME's published numbers, and the report says how
+    assert "covariance off" in rep.path.read_text()
+    head = pd.read_csv(tmp_path / "headline.csv")
+    assert head[head.result.str.startswith("CounterFact")].paper_setting.str.contains("covariance on").all()
 
 
 @pytest.mark.slow
@@ -297,3 +301,23 @@ def test_size_overrides_on_the_command_line(tmp_path, builtin_only):
     assert "'blimp_n': 4" in (out / "REPORT.md").read_text()
     with pytest.raises(ValueError, match="unknown sizes"):
         main(["reproduce", "--model", str(folder), "--scale", "smoke", "--size", "blimp_m=4"])
+
+
+def test_tracing_keeps_correct_facts_only_and_every_agreement_item(tiny, tmp_path, builtin_only,
+                                                                    monkeypatch):
+    """At the report scale facts are traced as ROME does (correct predictions only), agreement items
+    on P(good form) whether or not it is the top-1: a small model's top-1 is rarely the pair's noun."""
+    calls = []
+    real = ku.average_indirect_effect
+
+    def spy(lm, items, **kw):
+        calls.append((len(items), kw["only_correct"], kw["kind"]))
+        return real(lm, items, **{**kw, "only_correct": False})
+
+    monkeypatch.setattr(ku, "average_indirect_effect", spy)
+    monkeypatch.setattr(ku, "filter_known", lambda lm, facts, n: facts.head(n))
+    sizes = {k: v for k, v in reproduce.SCALES["smoke"].items()}
+    rep = reproduce.reproduce(tiny("llama"), "report", tmp_path, sections=["tracing"], sizes=sizes)
+    assert rep.failed == []
+    assert [c[1] for c in calls] == [True] * 3 + [False] * 6   # facts, then DNA and SVA
+    assert "'dna': False" in rep.path.read_text()
