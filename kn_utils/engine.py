@@ -24,7 +24,7 @@ import torch
 
 from .hooks import HookSet, modify
 
-__all__ = ["Widening", "forward", "batch_widener", "widen_rows", "narrow_logits", "read_logits",
+__all__ = ["Widening", "forward", "accepts", "batch_widener", "widen_rows", "narrow_logits", "read_logits",
            "prefix_cache", "widen_cache", "layered_cache", "cache_kwarg", "returned_cache",
            "cache_args", "default_rows", "row_bytes", "use_prefix_cache", "joins_after_block"]
 
@@ -34,6 +34,11 @@ __all__ = ["Widening", "forward", "batch_widener", "widen_rows", "narrow_logits"
 @functools.lru_cache(maxsize=None)
 def _forward_params(model_class) -> frozenset:
     return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def accepts(model, name: str) -> bool:
+    """Whether ``model``'s forward takes the keyword ``name``."""
+    return name in _forward_params(type(model))
 
 
 def cache_kwarg(model) -> str:
@@ -57,9 +62,10 @@ def cache_args(lm, past, attention_mask=None) -> dict:
 
 
 @torch.no_grad()
-def prefix_cache(lm, input_ids: torch.Tensor):
-    """KV cache of ``input_ids`` [rows, positions] (with whatever hooks are active)."""
-    cache = returned_cache(lm.model(input_ids=input_ids, use_cache=True))
+def prefix_cache(lm, input_ids: torch.Tensor, **forward):
+    """KV cache of ``input_ids`` [rows, positions] (with whatever hooks are active); ``forward``:
+    further forward arguments (``attention_mask``, ``position_ids`` of left-padded rows)."""
+    cache = returned_cache(lm.model(input_ids=input_ids, use_cache=True, **forward))
     if cache is None:
         raise ValueError(f"{lm.name} returned no KV cache: pass prefix_cache=False / cache=False")
     return cache

@@ -191,11 +191,12 @@ def _prepare_masked(lm, prompt, target, p_ids):
     return Target(prompt, target, tuple(t_ids), queries)
 
 
-def pad_batch(lm, sequences) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(lm, sequences, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token sequences: (input_ids, attention_mask) on the model's device.
 
     Right padding keeps every real token at its own position, so causal models need no position
-    fix-ups and the read position of each row is unchanged.
+    fix-ups and the read position of each row is unchanged.  ``left=True`` pads on the left, so the
+    rows end together (the caller then passes position ids, e.g. ``mask.cumsum(-1) - 1``).
     """
     pad = lm.tokenizer.pad_token_id
     if pad is None:
@@ -204,8 +205,9 @@ def pad_batch(lm, sequences) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
     return ids.to(lm.device), mask.to(lm.device)
 
 

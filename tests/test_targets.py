@@ -85,3 +85,13 @@ def test_batched_logits_match_single_runs(tiny):
         with torch.no_grad():
             single = lm.model(torch.tensor([s])).logits[0, -1]
         assert torch.allclose(batched[i], single, atol=1e-5)
+
+
+def test_pad_batch_left_ends_rows_together(tiny):
+    lm = tiny("llama")
+    seqs = [[5, 6, 7], [8]]
+    right_ids, right_mask = ku.targets.pad_batch(lm, seqs)
+    left_ids, left_mask = ku.targets.pad_batch(lm, seqs, left=True)
+    assert right_mask.tolist() == [[1, 1, 1], [1, 0, 0]] and left_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert left_ids[0].tolist() == [5, 6, 7] and left_ids[1, -1].item() == 8
+    assert left_ids[1, 0].item() == right_ids[1, 1].item()   # the same pad token on either side

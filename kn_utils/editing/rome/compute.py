@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ... import targets as tg
-from ...engine import _forward_params as forward_params, cache_args, read_logits, returned_cache
+from ...engine import accepts, cache_args, prefix_cache, read_logits
 from ...hooks import modify
 from .stats import layer_keys
 
@@ -109,16 +109,9 @@ class _Batch:
             self.read_pos, self.past, self.start, self.positions = read_pos, None, 0, None
             self.end = self.ids.shape[1]
             return
-        width = max(len(r.ids) for r in rows)
+        self.ids, self.mask = tg.pad_batch(lm, [r.ids for r in rows], left=True)
+        width = self.ids.shape[1]
         pads = [width - len(r.ids) for r in rows]
-        pad = lm.tokenizer.pad_token_id
-        pad = (lm.tokenizer.eos_token_id or 0) if pad is None else pad
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, n) in enumerate(zip(rows, pads)):
-            ids[i, n:] = torch.as_tensor(r.ids, dtype=torch.long)
-            mask[i, n:] = 1
-        self.ids, self.mask = ids.to(dev), mask.to(dev)
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         shift = torch.as_tensor(pads, device=dev)
         self.start = int(min(r.subject_index + n for r, n in zip(rows, pads)))
@@ -128,8 +121,8 @@ class _Batch:
         self.end = int(max(int((read_pos + shift[read_rows]).max()), int((self.sub + self.start).max())) + 1)
         self.past = None
         if self.start > 0:
-            self.past = prefix_cache_at(lm, self.ids[:, :self.start], self.mask[:, :self.start],
-                                        self.positions[:, :self.start])
+            self.past = prefix_cache(lm, self.ids[:, :self.start], attention_mask=self.mask[:, :self.start],
+                                     position_ids=self.positions[:, :self.start])
 
     def forward_kwargs(self) -> dict:
         if not self.suffix:
@@ -144,20 +137,10 @@ class _Batch:
         return kwargs
 
 
-@torch.no_grad()
-def prefix_cache_at(lm, ids, mask, positions):
-    """KV cache of left-padded ``ids`` with their own position ids."""
-    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache = returned_cache(out)
-    if cache is None:
-        raise ValueError(f"{lm.name} returned no KV cache: pass suffix=False")
-    return cache
-
-
 def suffix_supported(lm) -> bool:
     """Whether v*'s steps can run only the positions from the first subject end on (a causal LM
     whose forward takes position ids, so that left padding keeps every token's position)."""
-    return not lm.arch.is_masked_lm and "position_ids" in forward_params(type(lm.model))
+    return not lm.arch.is_masked_lm and accepts(lm.model, "position_ids")
 
 
 def compute_v(lm, hp, templates, prompt: str, subject: str, target_new: str,
