@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .checks import as_index
+from .checks import as_index, as_pair
 from . import engine
 from .hooks import grad_ready, record
 from .targets import prepare
@@ -476,9 +476,6 @@ def layer_distribution(neurons, n_layers: int) -> pd.Series:
     """Number of neurons per layer, a Series indexed 0..n_layers-1 (for the paper's Fig 5b)."""
     counts = np.zeros(n_layers, dtype=int)
     for item in neurons:
-        try:
-            layer, _ = item
-        except (TypeError, ValueError):
-            raise ValueError(f"a neuron is a (layer, neuron) pair, got {item!r}") from None
+        layer, _ = as_pair(item, "a neuron", "layer", "neuron")
         counts[as_index(layer, "layer", n_layers)] += 1
     return pd.Series(counts, index=pd.RangeIndex(n_layers, name="layer"), name="neurons")

@@ -529,7 +529,7 @@ def _peak(aie, cls):
 
 def section_tracing(ctx, sec):
     from . import average_indirect_effect, filter_known, load_known_facts
-    from .data.blimp import trace_items
+    from .blimp_tasks import trace_items
     from .plotting import plot_aie
 
     n, samples = ctx.sizes["aie_n"], ctx.sizes["trace_samples"]

@@ -7,6 +7,7 @@ import torch
 
 from kn_utils import localisation
 from kn_utils.attribution import find_knowledge_neurons
+from kn_utils.blimp_tasks import blimp_accuracy
 from kn_utils.data import blimp
 
 UID = "irregular_plural_subject_verb_agreement_1"
@@ -35,7 +36,7 @@ def test_localise_paradigm_returns_tables_that_match_a_direct_search(tiny, data_
             want = sum(float(m[a, b]) for a, b in direct.neurons)
             assert r.kn_score_sum == pytest.approx(want, rel=1e-5, abs=1e-6)
         info = loc.summary["groups"][group]
-        assert info["eval_pairs"] == 5 and info["accuracy_before"] == blimp.accuracy(lm, pairs.head(5))
+        assert info["eval_pairs"] == 5 and info["accuracy_before"] == blimp_accuracy(lm, pairs.head(5))
     assert loc.groups.attrs["data_source"] == loc.prompts.attrs["data_source"] == loc.summary["data_source"]
     # old tuple shape of the command's helper
     summary, groups, prompts, maps = loc

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kn_utils as ku
-from kn_utils import models
+from kn_utils import cache, models
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_predict_probabilities_are_sorted_and_consistent(default_lm):
 
 @pytest.mark.slow
 def test_gguf_is_converted_once_then_loaded_from_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
     calls = []
     real = models.convert_gguf
 
@@ -41,7 +41,7 @@ def test_gguf_is_converted_once_then_loaded_from_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "convert_gguf", spy)
     first = ku.load_model("default", device="cpu")
-    cached = models._gguf_cache_path(models.default_gguf_path())
+    cached = cache._gguf_cache_path(models.default_gguf_path())
     assert cached.parent == tmp_path / "models" and (cached / "model.safetensors").exists()
     mtime = (cached / "model.safetensors").stat().st_mtime_ns
 

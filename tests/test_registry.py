@@ -8,12 +8,12 @@ import sys
 import pytest
 
 import kn_utils as ku
-from kn_utils import models, registry
+from kn_utils import cache, models, registry
 
 
 @pytest.fixture
 def tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
     return tmp_path
 
 
