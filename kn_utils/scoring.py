@@ -162,7 +162,7 @@ def _as_targets(lm, items) -> list[Target]:
         if isinstance(item, Target):
             out.append(item)
             continue
-        prompt, target = as_pair(item, "a pair", "prompt", "target")
+        prompt, target = as_pair(item, "an item", "prompt", "target")
         out.append(prepare(lm, prompt, target))
     return out
 

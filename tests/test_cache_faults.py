@@ -120,7 +120,7 @@ def test_two_processes_loading_at_once_build_one_folder(tmp_path):
 def test_without_a_lock_the_rename_race_keeps_the_winner(tmp_path, monkeypatch):
     # Where flock does nothing (some network file systems) both writers build; the loser's rename
     # meets a non-empty folder and must drop its own copy instead of failing.
-    monkeypatch.setattr(models, "_locked", lambda target: contextlib.nullcontext())
+    monkeypatch.setattr(cache, "_locked", lambda target: contextlib.nullcontext())
     target = tmp_path / "models" / "m"
     both_building = threading.Barrier(2, timeout=60)
     calls, results, errors = [], [], []

@@ -51,7 +51,7 @@ def test_given_pairs_and_tau_mode_pass_through(tiny, data_dir, monkeypatch):
     real = localisation.find_knowledge_neurons
     monkeypatch.setattr(localisation, "find_knowledge_neurons",
                         lambda *a, **k: seen.append(k["tau_mode"]) or real(*a, **k))
-    monkeypatch.setattr(blimp, "accuracy", lambda *a, **k: pytest.fail("accuracy=False"))
+    monkeypatch.setattr(localisation, "blimp_accuracy", lambda *a, **k: pytest.fail("accuracy=False"))
     loc = localisation.localise_paradigm(lm, UID, n=2, eval_n=2, steps=2, pairs=pairs,
                                          tau_mode="paper", accuracy=False, progress=False)
     assert seen == ["paper"] * len(loc.results) and loc.summary["tau_mode"] == "paper"

@@ -105,7 +105,7 @@ def test_scorer_bad_inputs_leave_no_hooks(tiny):
         score_targets(lm, CAUSAL_PAIRS, batch_size=0)
     with pytest.raises(ValueError, match="not a single one"):
         score_targets(lm, ("The dog", "runs"))
-    with pytest.raises(ValueError, match=r"a pair is \(prompt, target\)"):
+    with pytest.raises(ValueError, match=r"an item is a \(prompt, target\) pair"):
         score_targets(lm, ["The dog runs"])
     assert hook_count(lm.model) == 0
 
