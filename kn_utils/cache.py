@@ -64,10 +64,20 @@ def umask() -> int:
 
 
 def share_like_umask(path: str | os.PathLike) -> None:
-    """Give a folder (0o777) or file (0o666) made by ``tempfile`` (0o700 / 0o600) the mode the
-    user's umask gives an ordinary one, so a cache shared between users stays readable."""
-    full = 0o777 if os.path.isdir(path) else 0o666
-    os.chmod(path, full & ~umask())
+    """Give a folder made by ``tempfile`` (0o700) or a file (0o600), and everything inside the
+    folder, the mode the user's umask gives an ordinary one (folders 0o777, files 0o666, less the
+    umask), so a cache shared between users stays readable. (Some writers, e.g. safetensors, also
+    create their files 0o600.)"""
+    mask = umask()
+    if os.path.isdir(path):
+        for folder, dirs, files in os.walk(path):
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+            for name in dirs:
+                os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+        os.chmod(path, 0o777 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
 
 
 def cache_dir() -> Path:
