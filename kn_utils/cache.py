@@ -24,6 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from .settings import env
+
 CACHE_ENV = "KN_UTILS_CACHE"
 _READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -82,8 +84,8 @@ def share_like_umask(path: str | os.PathLike) -> None:
 
 def cache_dir() -> Path:
     """Where converted models and covariance statistics live: ``$KN_UTILS_CACHE`` or ~/.cache/kn_utils."""
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "kn_utils")
-    path = Path(root)
+    # (a blank value is "not set", as for every variable the package reads: kn_utils.settings)
+    path = Path(env(CACHE_ENV) or os.path.join("~", ".cache", "kn_utils")).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
