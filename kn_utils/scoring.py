@@ -30,7 +30,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 

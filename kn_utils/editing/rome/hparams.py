@@ -103,9 +103,9 @@ class ROMEHyperParams:
 
     @classmethod
     def for_model(cls, lm, config: str = "paper") -> "ROMEHyperParams":
-        """The preset for ``lm``'s family and size (GPT-2 XL, LLaMA-2-7B, Gemma-3-270M), else the
-        default preset with its layer moved to the same relative depth and the loss read at the last
-        layer.  ``config="rome"`` on a model off the GPU draws :data:`CPU_MOM2_TEXTS` texts for C
+        """The preset whose file ``match``-es ``lm``'s (family, n_layers, d_model) (today GPT-2 XL,
+        LLaMA-2-7B, Gemma-3-270M), else the default preset with its layer moved to the same relative
+        depth and the loss read at the last layer.  ``config="rome"`` on a model off the GPU draws :data:`CPU_MOM2_TEXTS` texts for C
         instead of ROME's 100,000, with a warning saying so."""
         arch = lm.arch
         shape = {"family": arch.family, "n_layers": arch.n_layers, "d_model": arch.d_model}
