@@ -230,29 +230,6 @@ def test_converted_folders_follow_the_umask(tmp_path, user_umask, mask):
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path.name
 
 
-def test_assembled_gguf_follows_the_umask(tmp_path, monkeypatch, user_umask):
-    import importlib
-
-    from kn_utils import registry
-
-    if importlib.util.find_spec(registry.GEMMA_ASSEMBLER) is None:
-        pytest.skip("Gemma packages not installed")
-
-    class StandIn:
-        @staticmethod
-        def assemble(path, overwrite=False):
-            with open(path, "wb") as f:
-                f.write(b"stand-in gguf")
-
-    real = importlib.import_module
-    monkeypatch.setattr(importlib, "import_module",
-                        lambda name, *a: StandIn if name == registry.GEMMA_ASSEMBLER else real(name, *a))
-    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
-    user_umask(0o022)
-    path = registry.gemma_gguf_path()
-    assert path.stat().st_mode & 0o777 == 0o644                 # was 0o600 (tempfile.mkstemp)
-
-
 @pytest.fixture
 def read_only(monkeypatch):
     """``read_only(folder)``: from now on every write under ``folder`` fails as on a read-only file
