@@ -28,8 +28,8 @@ NO_CHANGE_WITHIN = 0.05
 # An edit whose locality (neighbours' answers kept) or CounterFact neighbourhood success after the
 # edit is below GLOBAL_BELOW is "global": it changed at least half of the unrelated facts it was
 # checked on, so what it does to the edited fact's criteria (symmetry, synonymy, generality) says
-# nothing about that fact.  ROME's own GPT-2 XL neighbourhood score is 75.4 and the KN baseline's
-# 72.9 (ROME, Table 4): 50 is far below both, so a local editor never falls under it by chance.
+# nothing about that fact.  ROME's own neighbourhood score is 75.4 and the KN baseline's 72.9
+# (CounterFact, GPT-2 XL; REFERENCE.md §4): 50 is far below both, where a local editor rarely falls.
 GLOBAL_BELOW = 0.5
 # Also global: an edit that loses more than GLOBAL_DROP of the locality the model had before it
 # (e.g. neighbourhood 0.70 -> 0.30), even if the after value stays above GLOBAL_BELOW.

@@ -89,3 +89,23 @@ def test_syntax_vs_facts_supported_and_undecided():
     assert "top_third" not in few.verdicts          # no n_layers: no layer measure
     with pytest.raises(ValueError, match="tau"):
         syntax_vs_facts(pd.DataFrame({"n_kn": [1], "r2": [0.5]}), a)
+
+
+# ------------------------------------------------------------------ paper.py: sources and minimums
+def test_every_paper_constant_has_a_source_and_no_unsourced_n():
+    from kn_utils import paper
+    numbers = [n for n in paper.__all__ if n.isupper() and n not in ("SOURCES", "CONSTANT_SOURCES",
+                                                                      "REPORT_MINIMUM")]
+    assert set(numbers) == set(paper.CONSTANT_SOURCES)
+    assert all("REFERENCE.md §" in paper.CONSTANT_SOURCES[n] for n in numbers)
+    assert not any("7,500" in s for s in list(paper.SOURCES.values()) + list(paper.CONSTANT_SOURCES.values()))
+
+
+def test_report_minimum_and_size_note():
+    from kn_utils.paper import REPORT_MINIMUM, below_report_minimum, size_note
+    assert REPORT_MINIMUM["table1_rome"].n == 100 and REPORT_MINIMUM["aie"].n == 50
+    assert below_report_minimum("counterfact", 12) and not below_report_minimum("counterfact", 50)
+    assert size_note("counterfact", 12) == "n = 12 of 50 records per editor (below the report minimum)"
+    assert "below" not in size_note("blimp", 250)
+    with pytest.raises(ValueError, match="unknown report section"):
+        size_note("table2", 3)
