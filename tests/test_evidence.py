@@ -109,3 +109,34 @@ def test_report_minimum_and_size_note():
     assert "below" not in size_note("blimp", 250)
     with pytest.raises(ValueError, match="unknown report section"):
         size_note("table2", 3)
+
+
+def _trace(n_tokens, subject, read, effect_rows, low=0.1, high=0.5):
+    import torch
+    from kn_utils.tracing import TraceResult
+    scores = torch.tensor(effect_rows, dtype=torch.float32) + low
+    return TraceResult(scores=scores, low_score=low, high_score=high, tokens=["t"] * n_tokens,
+                       subject_range=subject, answer="x", answer_id=0, kind="mlp", window=10,
+                       read_position=read)
+
+
+def test_class_effects_one_row_per_item_and_coinciding_classes_dropped():
+    from kn_utils.evidence import class_effects
+    from kn_utils.stats import aie_peak
+    # item A: 5 tokens, subject [1, 4) -> middle = [2], last subject = [3], read = 4
+    a = _trace(5, (1, 4), 4, [[0, 0], [0.1, 0.0], [0.2, 0.0], [0.3, 0.1], [0.0, 0.4]])
+    # item B: subject ends at the read position: "last subject token" == "last token"
+    b = _trace(4, (1, 4), 3, [[0, 0], [0.1, 0.0], [0.2, 0.2], [0.5, 0.5]])
+    eff, te, dropped = class_effects([a, b], "last subject token")
+    assert dropped == 1 and eff.shape == (1, 2) and eff[0] == pytest.approx([0.3, 0.1])
+    assert te == pytest.approx([0.4])
+    eff, te, dropped = class_effects([a, b], "last subject token", drop_coinciding=False)
+    assert dropped == 0 and eff.shape == (2, 2)
+    # middle tokens of B are [2] only; of A [2]: one row each, averaged within an item
+    c = _trace(6, (0, 5), 5, [[0, 0], [0.2, 0.0], [0.4, 0.0], [0.6, 0.0], [0, 0], [0, 0]])
+    eff, _, _ = class_effects([c], "middle subject tokens")
+    assert eff[0] == pytest.approx([0.4, 0.0])             # mean of tokens 1, 2, 3
+    res = aie_peak(*class_effects([a, b, a], "middle subject tokens")[:2])
+    assert res["n"] == 3 and res["layer"] == 0
+    with pytest.raises(ValueError, match="unknown token class"):
+        class_effects([a], "subject")
