@@ -75,7 +75,10 @@ def preset_json(lm, hp: ROMEHyperParams, config: str, sweep: pd.DataFrame, csv_p
     return {"model": lm.name, "config": config,
             "match": {"family": arch.family, "n_layers": arch.n_layers, "d_model": arch.d_model},
             "hparams": dataclasses.asdict(dataclasses.replace(hp, layer=layer)),
-            "layer_source": {"file": csv_path, "row": f"layer={layer}", "why": why}}
+            "layer_source": {"file": csv_path, "row": f"layer={layer}",
+                             "why": f"{why}; rule: benchmarks/layer_sweep.py choose_layer, over layers "
+                                    f"{sorted(int(x) for x in sweep['layer'])} of "
+                                    f"{sweep['relation'].iloc[0]} in the {config} configuration"}}
 
 
 def main(argv=None):
@@ -92,6 +95,9 @@ def main(argv=None):
     parser.add_argument("--no-mom2", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).with_suffix(".csv")))
     parser.add_argument("--write-preset", default=None, metavar="PATH")
+    parser.add_argument("--from-csv", action="store_true",
+                        help="no edits: choose the layer from the rows already in --out (a sweep "
+                             "stopped early) and write --write-preset")
     args = parser.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
     if args.layers:
@@ -100,9 +106,11 @@ def main(argv=None):
         cfg["n"] = args.n
     config = args.config or ("paper" if args.preset == "as-run" else None)
     lm = ku.load_model(args.model, device=args.device)
-    rows = []
+    rows = pd.read_csv(args.out).to_dict("records") if args.from_csv else []
+    if args.from_csv and {r["config"] for r in rows} != {config}:
+        raise SystemExit(f"{args.out} holds configurations {sorted({r['config'] for r in rows})}, not {config}")
     crit = "synonym" if args.relation == "P101" else "symmetry"
-    for layer in cfg["layers"]:
+    for layer in [] if args.from_csv else cfg["layers"]:
         hp = ROMEHyperParams.for_model(lm, config or "rome")
         hp.layer = layer
         if cfg["steps"] is not None:
@@ -130,7 +138,7 @@ def main(argv=None):
         rows.append(row)
         print(pd.DataFrame([row]).to_string(index=False, header=len(rows) == 1), flush=True)
         pd.DataFrame(rows).to_csv(args.out, index=False)   # keep partial results
-    print(f"-> {args.out}")
+        print(f"-> {args.out}")
     if args.write_preset:
         if config is None:
             raise SystemExit("--write-preset needs --config paper|rome (the configuration the preset is for)")
