@@ -42,10 +42,11 @@ class Fig6bEffect:
     def summary(self) -> dict:
         """One report row: accuracies in %, Wilson intervals, flips, the paired difference."""
         a, n = self.accuracy, self.accuracy.n
+        flips = a.good_to_bad + a.bad_to_good
         return {"n_pairs": n, "method": self.method, "before": 100 * a.before,
                 "before_lo": 100 * a.before_lo, "before_hi": 100 * a.before_hi, "after": 100 * a.after,
                 "after_lo": 100 * a.after_lo, "after_hi": 100 * a.after_hi, "good_to_bad": a.good_to_bad,
-                "bad_to_good": a.bad_to_good, "flip_rate": 100 * (a.good_to_bad + a.bad_to_good) / n if n else float("nan"),
+                "bad_to_good": a.bad_to_good, "flip_rate": 100 * flips / n if n else float("nan"),
                 "diff": 100 * a.diff, "diff_lo": 100 * a.lo, "diff_hi": 100 * a.hi, "mcnemar_p": a.p,
                 "margin_before": self.margin.before, "margin_after": self.margin.after,
                 "margin_diff": self.margin.diff, "margin_lo": self.margin.lo, "margin_hi": self.margin.hi,
