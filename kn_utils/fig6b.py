@@ -97,7 +97,7 @@ def fig6b_edit_effect(lm, pairs: pd.DataFrame, neurons=None, *, edit="suppress",
                           "margin_before": (before["logp_good"] - before["logp_bad"]).values,
                           "margin_after": (after["logp_good"] - after["logp_bad"]).values})
     acc = paired_difference(table["correct_before"], table["correct_after"], method="mcnemar")
-    margin = paired_difference(table["margin_before"], table["margin_after"], method="t")
+    margin = paired_difference(table["margin_before"], table["margin_after"], method="t", bounds=None)
     return Fig6bEffect(table, acc, margin, changes(acc), method)
 
 

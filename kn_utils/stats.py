@@ -152,7 +152,8 @@ def newcombe_paired(n11: int, n10: int, n01: int, n00: int,
     return max(-1.0, diff - lower), min(1.0, diff + upper)
 
 
-def paired_difference(before, after, confidence: float = 0.95, method: str = "auto") -> Paired:
+def paired_difference(before, after, confidence: float = 0.95, method: str = "auto",
+                      bounds: tuple[float, float] | None = (0.0, 1.0)) -> Paired:
     """Paired before -> after difference over items (``before[i]``, ``after[i]``: item i's values;
     items missing either are dropped).
 
@@ -160,6 +161,9 @@ def paired_difference(before, after, confidence: float = 0.95, method: str = "au
     * "t": Student t interval of the mean per-item difference (after - before), df = n - 1.
     * "mcnemar": 0/1 values; interval of the difference of the paired proportions by Newcombe's
       method 10 (Wilson-based), test by McNemar's mid-p; counts of good -> bad and bad -> good flips.
+    ``bounds``: the range the values live in (default (0, 1): per-item fractions); a t interval
+    reaching past the possible differences (+-(high - low)) is cut there (method "..., clipped").
+    None for unbounded values (log-probabilities).
     """
     if method not in ("auto", "t", "mcnemar"):
         raise ValueError(f"method must be 'auto', 't' or 'mcnemar', got {method!r}")
@@ -191,8 +195,14 @@ def paired_difference(before, after, confidence: float = 0.95, method: str = "au
     nan = float("nan")
     blo, bhi = t_interval(b, confidence)
     alo, ahi = t_interval(a, confidence)
+    how = "paired t over items"
+    if bounds is not None and n >= 2:
+        span = bounds[1] - bounds[0]
+        if lo < -span or hi > span:
+            lo, hi, how = max(lo, -span), min(hi, span), how + ", clipped"
+        blo, bhi, alo, ahi = (min(max(v, bounds[0]), bounds[1]) for v in (blo, bhi, alo, ahi))
     return Paired(float(b.mean()) if n else nan, float(a.mean()) if n else nan,
-                  float(d.mean()) if n else nan, lo, hi, n, "paired t over items", p, blo, bhi, alo, ahi)
+                  float(d.mean()) if n else nan, lo, hi, n, how, p, blo, bhi, alo, ahi)
 
 
 def welch_difference(a, b, confidence: float = 0.95) -> dict:

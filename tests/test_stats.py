@@ -120,3 +120,12 @@ def test_aie_peak_t_over_items_and_relative():
         aie_peak(np.zeros(5))
     with pytest.raises(ValueError, match="one finite value per item"):
         aie_peak(eff, te[:3])
+
+
+def test_paired_t_on_fractions_is_clipped_to_possible_differences():
+    before = [0.0] * 20 + [1.0, 0.0]
+    after = [1.0] * 20 + [1.0, 0.1]
+    res = paired_difference(before, after)
+    assert res.method == "paired t over items, clipped" and res.hi == 1.0
+    free = paired_difference(before, after, bounds=None)
+    assert free.method == "paired t over items" and free.hi > 1.0 and free.lo == res.lo
