@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import pandas as pd
 
 import kn_utils as ku
 from kn_utils.editing.rome import ROMEHyperParams
+from kn_utils.editing.rome.hparams import write_preset
 from kn_utils.evaluation import evaluate_edits
 
 PRESETS = {
@@ -72,13 +72,16 @@ def choose_layer(sweep: pd.DataFrame) -> tuple[int, str]:
 def preset_json(lm, hp: ROMEHyperParams, config: str, sweep: pd.DataFrame, csv_path: str) -> dict:
     layer, why = choose_layer(sweep)
     arch = lm.arch
+    first = sweep.iloc[0]
     return {"model": lm.name, "config": config,
             "match": {"family": arch.family, "n_layers": arch.n_layers, "d_model": arch.d_model},
             "hparams": dataclasses.asdict(dataclasses.replace(hp, layer=layer)),
             "layer_source": {"file": csv_path, "row": f"layer={layer}",
                              "why": f"{why}; rule: benchmarks/layer_sweep.py choose_layer, over layers "
-                                    f"{sorted(int(x) for x in sweep['layer'])} of "
-                                    f"{sweep['relation'].iloc[0]} in the {config} configuration"}}
+                                    f"{sorted(int(x) for x in sweep['layer'])} of {first['relation']} "
+                                    f"({int(first['n'])} requests each, {int(first['steps'])} Adam steps, "
+                                    f"prefixes {first['context']}) in the {config} configuration "
+                                    f"(covariance {'on' if bool(first['mom2']) else 'off'})"}}
 
 
 def main(argv=None):
@@ -149,9 +152,15 @@ def main(argv=None):
         except ValueError:
             csv_path = args.out
         preset = preset_json(lm, base, config, sweep, csv_path)
-        Path(args.write_preset).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write_preset).write_text(json.dumps(preset, indent=2) + "\n")
-        print(f"layer {preset['hparams']['layer']}: {preset['layer_source']['why']} -> {args.write_preset}")
+        target = Path(args.write_preset)
+        if target.name != f"{preset['model']}-{config}.json":
+            raise SystemExit(f"--write-preset must name {preset['model']}-{config}.json, got {target.name}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # the preset format's own writer: checks the record as ROMEHyperParams.preset loads it
+        path = write_preset(dataclasses.replace(base, layer=preset["hparams"]["layer"]), preset["model"],
+                            config, match=preset["match"], layer_source=preset["layer_source"],
+                            folder=target.parent)
+        print(f"layer {preset['hparams']['layer']}: {preset['layer_source']['why']} -> {path}")
 
 
 if __name__ == "__main__":

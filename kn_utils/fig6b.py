@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .scoring import pair_scores
+from .blimp_tasks import pair_scores
 from .stats import Paired, paired_difference, wilson
 from .verdicts import Verdict, changes
 

@@ -5,7 +5,7 @@ import torch
 from kn_utils import kn_edit
 from kn_utils.data.blimp import minimal_pairs
 from kn_utils.fig6b import accuracy_interval, fig6b_edit_effect
-from kn_utils.scoring import pair_scores
+from kn_utils.blimp_tasks import pair_scores
 from kn_utils.stats import wilson
 
 
