@@ -23,6 +23,8 @@ _BY_MODEL = {
 }
 BEFORE = {(m, c): {**_COMMON, **v, "mom2_adjustment": c == "rome"} for m, v in _BY_MODEL.items()
           for c in ("paper", "rome")}
+# Gemma's paper configuration: its own sweep with the covariance off (benchmarks/layer_sweep_gemma_paper.csv)
+BEFORE["gemma-3-270m", "paper"]["layer"] = 1
 FILES = sorted(H.PRESET_DIR.glob("*.json"))
 
 
@@ -68,7 +70,7 @@ def _lm(family, n_layers, d_model):
 def test_for_model_picks_by_shape_from_the_files(config):
     assert ROMEHyperParams.for_model(_lm("gpt2", 48, 1600), config).layer == 17
     assert ROMEHyperParams.for_model(_lm("llama", 32, 4096), config).v_num_grad_steps == 25
-    assert ROMEHyperParams.for_model(_lm("gemma3_text", 18, 640), config).layer == 3
+    assert ROMEHyperParams.for_model(_lm("gemma3_text", 18, 640), config).layer == (1 if config == "paper" else 3)
     # the embedded default (no match): fallback at the same relative depth
     assert ROMEHyperParams.for_model(_lm("llama", 30, 576), config).layer == 4
     assert ROMEHyperParams.for_model(_lm("mistral", 60, 512), config).layer == 8
