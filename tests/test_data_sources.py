@@ -358,3 +358,13 @@ def test_a_blimp_row_without_its_sentences_names_file_and_line(tmp_path, damage,
     # before: KeyError: 'sentence_bad' from deep in minimal_pairs, without file or line
     with pytest.raises(ValueError, match=re.escape(f"{path}, line 4: BLiMP row unusable: {field}")):
         blimp.load_paradigm(BLIMP_UID, tmp_path)
+
+
+def test_a_changed_corpus_is_read_again(tmp_path, data_dir):
+    folder = tmp_path / "wikitext" / "wikitext-2"
+    shutil.copytree(data_dir / "wikitext" / "wikitext-2", folder)
+    first = load_texts("wikitext", tmp_path)
+    [valid] = [p for p in folder.iterdir() if "valid" in p.name]
+    valid.write_text(" = Heading = \n\n A new first paragraph of the corpus . \n\n")
+    again = load_texts("wikitext", tmp_path)        # before: the old paragraphs (cached by folder)
+    assert again != first and any("A new first paragraph" in t for t in again)
