@@ -1,8 +1,6 @@
 """A user's mistake on the command line is one line on stderr, ``python -m kn_utils <command>: error:
 ...``, and exit status 2 (argparse's convention), found before any model loads or anything is
 computed; never a traceback."""
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -59,7 +59,7 @@ def weights_digest(tensors) -> str:
         for tensor in tensors:
             t = tensor.detach()
             h.update(f"{tuple(t.shape)} {t.dtype}".encode())
-            if t.numel() == 0:
+            if t.numel() == 0 or t.device.type == "meta":   # offloaded weights: their shape only
                 continue
             view = t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
             rows, cols = view.shape
