@@ -8,6 +8,7 @@ user's hook) the statistics are computed for that call and not cached (:func:`li
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -55,18 +56,26 @@ def weights_digest(tensors) -> str:
     edit (one value slot: a row or a column) and a ROME update (rank one, dense) change it; reading
     max(rows, columns) elements per tensor keeps it cheap (no pass over all the weights)."""
     h = hashlib.sha1()
+    samples = []
     with torch.no_grad():
         for tensor in tensors:
             t = tensor.detach()
-            h.update(f"{tuple(t.shape)} {t.dtype}".encode())
+            h.update(f"{tuple(t.shape)} {t.dtype};".encode())
             if t.numel() == 0 or t.device.type == "meta":   # offloaded weights: their shape only
                 continue
-            view = t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
-            rows, cols = view.shape
-            i = torch.arange(max(rows, cols), device=t.device)
-            sample = torch.cat([view[i % rows, i % cols], view[i % rows, (cols - 1 - i) % cols]])
-            h.update(sample.float().cpu().numpy().tobytes())
+            rows = t.shape[0] if t.dim() >= 2 else 1
+            samples.append(t.reshape(-1)[_diagonals(rows, t.numel() // rows, t.device)].float())
+    if samples:
+        h.update(torch.cat([s.to("cpu") for s in samples]).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=256)
+def _diagonals(rows: int, cols: int, device) -> torch.Tensor:
+    """Flat indices of the wrapped diagonal and anti-diagonal of a [rows, cols] matrix."""
+    i = torch.arange(max(rows, cols))
+    r = i % rows
+    return torch.cat([r * cols + i % cols, r * cols + (cols - 1 - i) % cols]).to(device)
 
 
 def layer_dependencies(lm, layer: int) -> list[torch.Tensor]:
