@@ -19,13 +19,12 @@ arguments, writes its tables and draws its figures.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import warnings
 
-from ..checks import UsageError, replace_file, writable_folder
-from ..cli import inputs_checked, positive_int
+from ..checks import replace_file, writable_folder
+from ..cli import fraction, inputs_checked, int_at_least, positive_int
 from ..localisation import localise_paradigm  # noqa: F401  (the library function; also importable here)
 
 HELP = "find knowledge neurons of BLiMP paradigms (per number) and write CSV/JSON and figures"
@@ -34,14 +33,13 @@ HELP = "find knowledge neurons of BLiMP paradigms (per number) and write CSV/JSO
 def add_arguments(parser):
     parser.add_argument("--paradigm", action="append", required=True,
                         help="BLiMP UID or short name (dna_1, with_adj_1, ...); repeat or comma-separate")
-    parser.add_argument("--n", type=_at_least_two, default=20,
+    parser.add_argument("--n", type=int_at_least(2, " (R²₁ and tau need several prompts)"), default=20,
                         help="prompts per group for the KN search (>= 2)")
     parser.add_argument("--eval-n", type=positive_int, default=None,
                         help="pairs per paradigm for BLiMP accuracy (default: --n times the groups)")
     parser.add_argument("--steps", type=positive_int, default=20, help="integrated-gradients points")
-    parser.add_argument("--threshold", type=_fraction, default=0.2,
-                        help="coarse threshold, fraction of max, in (0, 1]")
-    parser.add_argument("--tau", type=_fraction, default=0.7, help="starting refinement threshold, in (0, 1]")
+    parser.add_argument("--threshold", type=fraction, default=0.2, help="coarse threshold, fraction of max")
+    parser.add_argument("--tau", type=fraction, default=0.7, help="starting refinement threshold")
     parser.add_argument("--no-adaptive", action="store_true", help="keep tau fixed")
     parser.add_argument("--tau-mode", choices=("strict", "paper"), default="strict",
                         help="strict: more than tau of the prompts; paper: the paper code's "
@@ -49,24 +47,6 @@ def add_arguments(parser):
     parser.add_argument("--data-dir", default=None, help="folder with blimp/ (default: $KN_DATA_DIR)")
     parser.add_argument("--out", default="results", help="output folder")
     parser.add_argument("--no-figures", action="store_true")
-
-
-def _at_least_two(text: str) -> int:
-    value = positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2 (R²₁ and tau need several prompts), "
-                                         f"got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
-    return value
 
 
 def _paradigms(values) -> list[str]:
@@ -81,9 +61,7 @@ def run(args) -> int:
 
     # before the model: unknown paradigms, damaged data files, a folder that cannot take the results
     out = writable_folder(args.out)
-    uids = [blimp.resolve_uid(name, args.data_dir) for name in _paradigms(args.paradigm)]
-    if not uids:
-        raise UsageError("--paradigm names no paradigm")
+    uids = [blimp.resolve_uid(name, args.data_dir) for name in _paradigms(args.paradigm) or [""]]
     with warnings.catch_warnings():   # the run itself says once where the pairs come from
         warnings.simplefilter("ignore", BuiltinDataWarning)
         for uid in uids:
@@ -95,11 +73,9 @@ def run(args) -> int:
             lm, uid, n=args.n, eval_n=args.eval_n, steps=args.steps, threshold=args.threshold,
             tau=args.tau, adaptive=not args.no_adaptive, data_dir=args.data_dir, tau_mode=args.tau_mode)
         uid = summary["paradigm"]
-        text = json.dumps(summary, indent=2)
-        replace_file(out / f"localise_{uid}.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        # a CSV keeps no attrs: the source goes in a column
+        replace_file(out / f"localise_{uid}.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
         for name, table in (("groups", groups), ("prompts", prompts)):
-            table = table.assign(data_source=summary["data_source"])
+            table = table.assign(data_source=summary["data_source"])   # a CSV keeps no attrs
             replace_file(out / f"localise_{uid}_{name}.csv", lambda tmp: table.to_csv(tmp, index=False))
         print(f"{uid}: pairs from {summary['data_source']}")
         print(groups[["paradigm", "group", "n_prompts", "kn_count_tau_start", "tau", "r2", "neurons"]]
