@@ -529,7 +529,7 @@ def _peak(aie, cls):
 
 def section_tracing(ctx, sec):
     from . import average_indirect_effect, filter_known, load_known_facts
-    from .data.blimp import trace_items
+    from .blimp_tasks import trace_items
     from .plotting import plot_aie
 
     n, samples = ctx.sizes["aie_n"], ctx.sizes["trace_samples"]
@@ -814,19 +814,14 @@ def update_readme(readme=None, reports=None) -> str:
     root = Path(__file__).resolve().parents[1]
     readme = Path(readme or root / "README.md")
     reports = Path(reports or root / "reports")
-    blocks = []
-    for csv in sorted(reports.glob("*/headline.csv")):
-        df = pd.read_csv(csv)
-        meta = (csv.parent / "REPORT.md").read_text(encoding="utf-8").splitlines()[:8]
-        info = [m[2:] for m in meta if m.startswith(("- scale", "- total wall time", "- commit"))]
-        blocks += [f"**{csv.parent.name}** ([REPORT.md](reports/{csv.parent.name}/REPORT.md); "
-                   + "; ".join(info) + ")", "", markdown_table(df), ""]
+    from .headline import readme_block   # the short form: the README is a landing page
+
     text = readme.read_text(encoding="utf-8")
     if README_START not in text or README_END not in text:
         raise ValueError(f"{readme} has no {README_START} ... {README_END} markers")
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
-    body = "\n".join(blocks) if blocks else "(no report generated yet: `make reproduce`)"
+    body = readme_block(reports)
     readme.write_text(head + README_START + "\n" + body + "\n" + README_END + tail, encoding="utf-8")
     return body
 

@@ -21,8 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ... import targets as tg
+from ...cache import CACHE_ENV, cache_dir, pid_alive
 from ...hooks import hook_count, record
-from ...models import cache_dir, pid_alive
+from ...settings import env
 
 # Config entries that say where or with what a model was loaded, not what it computes.
 _CONFIG_NOT_IDENTITY = ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash")
@@ -287,8 +288,7 @@ def _cache_root() -> Path:
     try:
         return cache_dir()
     except OSError:
-        from ...models import CACHE_ENV
-        return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kn_utils")
+        return Path(env(CACHE_ENV) or os.path.join("~", ".cache", "kn_utils")).expanduser()
 
 
 def _write_stats(path: Path, payload: dict) -> None:
