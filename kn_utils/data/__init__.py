@@ -131,6 +131,16 @@ def read_jsonl_lines(path) -> list[tuple[int, dict]]:
     return rows
 
 
+def checked_rows(numbered, where, fields, what: str = "record", when: dict | None = None) -> list[dict]:
+    """The rows of ``numbered`` ((label, row) pairs, e.g. ("line 3", {...})), each checked to hold
+    ``fields`` (plus ``when[flag]`` where the row's ``flag`` is true) as text by :func:`require_text`,
+    which names ``where`` and the label."""
+    for label, row in numbered:
+        extra = tuple(f for flag, names in (when or {}).items() if row.get(flag) for f in names)
+        require_text(row, tuple(fields) + extra, f"{where}, {label}", what)
+    return [row for _, row in numbered]
+
+
 def require_text(row: dict, fields, where: str, what: str = "record") -> None:
     """ValueError naming ``where`` (file and line or record) and the field, when ``row`` lacks one of
     ``fields`` as a non-empty string: a missing answer must not become the text "nan"."""
@@ -157,6 +167,6 @@ def missing_text(row: dict, fields) -> str | None:
 
 
 __all__ = ["BuiltinDataWarning", "Loaded", "data_root", "is_builtin", "missing_text", "read_jsonl",
-           "require_text",
+           "checked_rows", "require_text",
            "read_jsonl_lines", "source_label",
            "source_of", "warn_builtin"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import (BUILTIN_DIR, Loaded, data_root, read_jsonl, read_jsonl_lines, require_text, source_label,
+from . import (BUILTIN_DIR, Loaded, checked_rows, data_root, read_jsonl, read_jsonl_lines, source_label,
                warn_builtin)
 
 BUILTIN_FILE = BUILTIN_DIR / "builtin" / "blimp_mini.jsonl"
@@ -183,14 +183,14 @@ def _load(uid, data_dir=None, n=None, source="auto") -> tuple[Loaded, str]:
         path = root / "blimp" / f"{uid}.jsonl" if root is not None else None
         if path is not None and path.exists():
             numbered = [(f"line {i}", r) for i, r in read_jsonl_lines(path)]
-            rows, origin = _checked_rows(numbered, path), str(path)
+            rows, origin = checked_rows(numbered, path, _FIELDS, "BLiMP row", _METHOD_FIELDS), str(path)
         elif source == "files":
             raise ValueError(f"no BLiMP file for {uid!r}: looked for "
                              f"{path or '<data_dir>/blimp/' + uid + '.jsonl'} (set KN_DATA_DIR)")
     if rows is None and source in ("auto", "hub"):
         try:
-            origin = f"hub:{HUB_ID}"
-            rows = _checked_rows([(f"row {i}", r) for i, r in enumerate(_from_hub(uid))], f"{origin}/{uid}")
+            rows, origin = _from_hub(uid), f"hub:{HUB_ID}"
+            rows = checked_rows(list(enumerate(rows)), f"{origin}/{uid} row", _FIELDS, "BLiMP row", _METHOD_FIELDS)
         except ValueError as err:
             if source == "hub":
                 raise
@@ -210,17 +210,9 @@ def _load(uid, data_dir=None, n=None, source="auto") -> tuple[Loaded, str]:
     return Loaded(rows[:n] if n else rows, source_label(origin, len(rows))), origin
 
 
-# fields a prompt method reads, needed when the row says it has that method
+_FIELDS = ("sentence_good", "sentence_bad")   # every row's; below: what a prompt method reads, where used
 _METHOD_FIELDS = {"one_prefix_method": ("one_prefix_prefix", "one_prefix_word_good", "one_prefix_word_bad"),
                   "two_prefix_method": ("two_prefix_prefix_good", "two_prefix_prefix_bad", "two_prefix_word")}
-
-
-def _checked_rows(numbered, where) -> list[dict]:
-    """Rows without the sentences (or the fields their methods read) are refused naming their line."""
-    for number, row in numbered:
-        extra = tuple(f for flag, fields in _METHOD_FIELDS.items() if row.get(flag) for f in fields)
-        require_text(row, ("sentence_good", "sentence_bad") + extra, f"{where}, {number}", "BLiMP row")
-    return [row for _, row in numbered]
 
 
 def load_paradigm(uid: str, data_dir=None, n: int | None = None, *, source: str = "auto") -> list[dict]:
