@@ -139,10 +139,12 @@ def main(argv=None) -> int:
         check_dtype(getattr(args, "dtype", None))
     except UsageError as err:
         command.error(str(err))
+    from .cache import CacheNotWritable   # an empty read-only KN_UTILS_CACHE: said in one line too
+
     _state["computing"] = False
     try:
         return int(args._module.run(args) or 0)
-    except (UsageError, *_FILE_ERRORS) as err:
+    except (UsageError, CacheNotWritable, *_FILE_ERRORS) as err:
         return _fail(command, err)
     except (ValueError, TypeError) as err:
         if _state["computing"]:

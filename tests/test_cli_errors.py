@@ -147,3 +147,13 @@ def test_the_real_command_line(tmp_path):
         assert out.returncode == 2, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert out.stderr.startswith(f"python -m kn_utils {argv[0]}: error: ")
+
+
+def test_an_empty_read_only_model_cache_is_one_line(capsys, monkeypatch, tmp_path):
+    from kn_utils.cache import CacheNotWritable
+
+    def load(*args, **kwargs):
+        raise CacheNotWritable(f"the model cache {tmp_path} is read-only and does not hold the model yet")
+    monkeypatch.setattr(ku, "load_model", load)
+    rc, err = run_cli(capsys, ["demo", "--device", "cpu"])
+    assert_one_line(rc, err, "demo", f"the model cache {tmp_path} is read-only")
