@@ -286,7 +286,7 @@ def test_update_readme_splices_each_models_headline(tmp_path):
         reproduce.update_readme(readme, tmp_path / "reports")
 
 
-def test_size_overrides_on_the_command_line(tmp_path, builtin_only):
+def test_size_overrides_on_the_command_line(tmp_path, builtin_only, capsys):
     from kn_utils.commands.reproduce import parse_sizes
 
     assert parse_sizes(["rome_n=30", "max_relations=none"]) == {"rome_n": 30, "max_relations": None}
@@ -299,8 +299,10 @@ def test_size_overrides_on_the_command_line(tmp_path, builtin_only):
     assert main(["reproduce", "--model", str(folder), "--scale", "smoke", "--sections", "blimp",
                  "--out", str(out), "--device", "cpu", "--size", "blimp_n=4"]) == 0
     assert "'blimp_n': 4" in (out / "REPORT.md").read_text()
-    with pytest.raises(ValueError, match="unknown sizes"):
-        main(["reproduce", "--model", str(folder), "--scale", "smoke", "--size", "blimp_m=4"])
+    capsys.readouterr()
+    # a user's mistake: one line and status 2 (kn_utils.cli), not a traceback
+    assert main(["reproduce", "--model", str(folder), "--scale", "smoke", "--size", "blimp_m=4"]) == 2
+    assert "python -m kn_utils reproduce: error: unknown sizes" in capsys.readouterr().err
 
 
 def test_tracing_keeps_correct_facts_only_and_every_agreement_item(tiny, tmp_path, builtin_only,

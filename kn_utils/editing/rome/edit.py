@@ -64,6 +64,7 @@ def rome_edit(lm, prompt: str, subject: str, target_new: str, hparams: ROMEHyper
     if subject not in checked:
         raise ValueError(f"subject {subject!r} not in prompt {checked!r} (after whitespace trimming)")
     tg.prepare(lm, checked, target_new)            # raises if the target tokenises to nothing
+    tg.subject_span(lm, checked, subject)          # a whole word of the prompt, before any compute
     request = EditRequest(relation=None, prompt=checked, subject=subject, target_true=None,
                           target_new=target_new)
 
