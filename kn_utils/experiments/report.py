@@ -105,6 +105,10 @@ def render_folder(out, model_name=None) -> tuple[Path, list[Section], dict]:
     return path, sections, meta
 
 
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|")
+
+
 def _status_word(s) -> str:
     if s.error:
         return "FAILED"
@@ -135,7 +139,7 @@ def render(sections, meta, plan) -> str:
               "- paper numbers: kn_utils/paper.py (each with its table / figure)", "",
               "| section | items done / planned | report minimum | compute time (s) | status |",
               "|---|---|---|---|---|"]
-    lines += [f"| [{s.title}](#{s.key}) | {s.status.get('n_done', 0)} / {s.status.get('n_planned', 0)} | "
+    lines += [f"| [{_cell(s.title)}](#{s.key}) | {s.status.get('n_done', 0)} / {s.status.get('n_planned', 0)} | "
               f"{s.status.get('n_minimum', 0)} | {s.seconds:.1f} | {_status_word(s)} |" for s in sections]
     lines += ["", "## Headline ([headline.csv](headline.csv))", "",
               "Ours with its 95 % interval and n; the paper's number is from another model and setting "
