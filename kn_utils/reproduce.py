@@ -278,3 +278,4 @@ __all__ = ["SCALES", "SECTIONS", "TITLES", "UNITS", "Report", "Section", "Sectio
            "update_readme", "reproduce", "render_report", "render", "markdown_table", "git_commit",
            "parse_shard", "check_out", "DNA_CAUSAL", "DNA_MASKED", "FIG6B_MASKED", "AGREEMENT_TRACES",
            "TABLE1_RELATIONS", "README_START", "README_END"]
+

@@ -46,10 +46,14 @@ def record_key(model: str, unit: str, version: int, settings: dict) -> str:
 
 
 def model_fingerprint(lm) -> str:
-    """The family, and a digest of the config and of a sample of the weights (not the name)."""
+    """The family, a digest of the config and of a sample of the weights (ROME's statistics key,
+    not the name), and of the tokenizer (its size and how it splits a probe sentence)."""
     from .editing.rome.stats import model_key
 
-    return model_key(lm)
+    tok = lm.tokenizer
+    probe = tok("The capital of France is Paris, isn't it?", add_special_tokens=True)["input_ids"]
+    digest = hashlib.sha1(json.dumps([len(tok), list(probe)]).encode()).hexdigest()[:6]
+    return f"{model_key(lm)}-{digest}"
 
 
 def worker() -> dict:
