@@ -266,6 +266,9 @@ def render_report(out, model_name=None) -> Report:
     out = Path(out)
     if not out.is_dir():
         raise NotADirectoryError(f"{out} is not a report folder")
+    if not Store(out).units():
+        raise FileNotFoundError(f"{out} holds no records (no records/<unit>/plan.json): run reproduce "
+                                f"first; --render-only renders only what a run stored")
     start = time.perf_counter()
     with folder_lock(out):
         path, secs, meta = render_folder(out, model_name)

@@ -166,16 +166,17 @@ class Store:
 
 @contextlib.contextmanager
 def folder_lock(out):
-    """An exclusive lock on a report folder (render one report at a time from all records)."""
+    """An exclusive lock on a report folder (one render at a time, from all records).  The lock is
+    on the folder itself, so no lock file is left in a committed report folder."""
     import fcntl
 
-    path = Path(out) / ".report.lock"
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    fd = os.open(Path(out), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 __all__ = ["Store", "record_key", "model_fingerprint", "worker", "clean", "folder_lock"]
