@@ -29,6 +29,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .experiments import SCALES, SECTIONS, TITLES, UNITS, Context, Section, SectionSkipped
 from .experiments.common import NONE_OK, markdown_table
 from .experiments.fig6b import DNA_CAUSAL, FIG6B_MASKED
@@ -221,7 +223,7 @@ def reproduce(lm, scale: str = "smoke", out=None, *, sections=None, data_dir=Non
             done = store.records(name, key)
             mine = [it for it in items[k::n] if it["id"] not in done]
             t_unit = time.perf_counter()
-            for item in mine:
+            for item in tqdm(mine, desc=f"{name} (shard {k}/{n})", disable=not progress):
                 if stopped or (deadline is not None and time.perf_counter() >= deadline):
                     if progress and not stopped:
                         print(f"[reproduce] time budget of {time_budget} s spent: stopping", flush=True)

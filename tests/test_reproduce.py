@@ -17,8 +17,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::kn_utils.data.BuiltinDataWarnin
 
 
 @pytest.fixture
-def builtin_only(monkeypatch, tmp_path_factory):
+def builtin_only(monkeypatch, tmp_path_factory, tiny):
     """No data folder at all: the loaders fall back to the built-in mini sets."""
+    tiny("llama")   # built first: its tokenizer comes from the model cache, not the empty one below
     monkeypatch.delenv("KN_DATA_DIR", raising=False)
     monkeypatch.setenv("KN_SHARED_DATA", "0")
     monkeypatch.setenv("KN_UTILS_CACHE", str(tmp_path_factory.mktemp("cache")))  # ROME templates of tiny models
@@ -400,3 +401,22 @@ def test_tracing_keeps_correct_facts_only_and_every_agreement_item(tiny, tmp_pat
         assert table.loc["facts", "n_traced"] == correct["facts"]
     else:
         assert "facts" not in table.index and "facts_skipped" in rep.path.read_text()
+
+
+def test_commit_is_read_before_the_run_writes_a_file(tiny, tmp_path, builtin_only, monkeypatch):
+    """The run's own figures and CSVs (tracked files in reports/) must not make its commit '-dirty'."""
+    out = tmp_path / "report"
+    seen = []
+    monkeypatch.setattr(reproduce, "git_commit", lambda path=None: seen.append(out.exists()) or "abc1234")
+    reproduce.reproduce(tiny("llama"), "smoke", out, sections=["blimp"])
+    assert seen == [False] and "`abc1234`" in (out / "REPORT.md").read_text()
+
+
+def test_report_files_are_replaced_not_rewritten_in_place(tiny, tmp_path, builtin_only):
+    """Every report file is a new inode after a second render (written beside, then renamed)."""
+    reproduce.reproduce(tiny("llama"), "smoke", tmp_path, sections=["blimp"])
+    names = ("REPORT.md", "headline.csv", "report.json", "blimp_summary.csv", "blimp.png")
+    before = {n: (tmp_path / n).stat().st_ino for n in names}
+    reproduce.render_report(tmp_path)
+    assert all((tmp_path / n).stat().st_ino != before[n] for n in names)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

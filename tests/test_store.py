@@ -228,9 +228,13 @@ def test_sigkill_mid_run_loses_only_the_item_in_progress(tiny, tmp_path, builtin
 @pytest.mark.slow   # two fresh processes: ~50 s on the shared 2-core box
 def test_two_concurrent_runs_into_one_folder_both_end_up_in_the_report(tmp_path, builtin_only):
     out = tmp_path / "r"
-    procs = [subprocess.Popen([sys.executable, str(_script(tmp_path / s, f"""
-        reproduce.reproduce(lm, "smoke", {str(out)!r}, sections=[{s!r}])
-    """))], env=_env(), cwd=ROOT) for s in ("blimp", "dai") if (tmp_path / s).mkdir() or True]
+    procs = []
+    for section in ("blimp", "dai"):
+        (tmp_path / section).mkdir()
+        script = _script(tmp_path / section, f"""
+            reproduce.reproduce(lm, "smoke", {str(out)!r}, sections=[{section!r}])
+        """)
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=_env(), cwd=ROOT))
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     text = (out / "REPORT.md").read_text()
     assert reproduce.TITLES["blimp"] in text and reproduce.TITLES["dai"] in text

@@ -56,8 +56,9 @@ def plan(ctx):
         for item_id, (_, row) in zip(ids, df.iterrows()):
             items.append({"id": item_id, "set": name, "prompt": row["prompt"], "subject": row["subject"],
                           "target": row.get("target", row.get("attribute")), "noise": level})
-    return {"items": items, "source": "; ".join(s for s in sources if s), "n_minimum": MINIMUM["aie_n"],
-            "info": info}
+    # the minimum is on the facts (issue 21: >= 50 known facts); every agreement item planned counts too
+    n_min = MINIMUM["aie_n"] + sum(it["set"] != "facts" for it in items)
+    return {"items": items, "source": "; ".join(s for s in sources if s), "n_minimum": n_min, "info": info}
 
 
 def compute(ctx, item):
