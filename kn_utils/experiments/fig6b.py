@@ -4,8 +4,6 @@ Item: one KN bag, ``<paradigm>/<group>`` (singular or plural): its knowledge neu
 Table 8 in one process), accuracy before, after Dai's edit and with the neurons suppressed."""
 from __future__ import annotations
 
-import pandas as pd
-
 from .. import paper
 from ..stats import summarize
 from .common import blimp_bag_items, ci, figure, item_frame, sure

@@ -4,8 +4,6 @@ Item: one KN bag, ``<paradigm>/<group>`` (the Fig 6b unit's ids; its neurons are
 process)."""
 from __future__ import annotations
 
-import pandas as pd
-
 from .. import paper
 from ..stats import summarize
 from .common import NAN_SUMMARY, blimp_bag_items, ci, item_frame, sure

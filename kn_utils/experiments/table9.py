@@ -4,8 +4,6 @@ Item: one fact with at least two prompts, ``<relation>/<fact index>`` (the same 
 whose knowledge neurons it reuses within one process)."""
 from __future__ import annotations
 
-import pandas as pd
-
 from .. import paper
 from ..stats import summarize
 from .common import fact_items, item_frame
