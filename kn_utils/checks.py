@@ -57,3 +57,15 @@ def as_indices(values, name: str, size: int | None = None, *, negative: bool = F
         raise TypeError(f"{name} must be an integer or a sequence of integers, got "
                         f"{type(values).__name__} {values!r}") from None
     return [as_index(v, name, size, negative=negative, range_text=range_text) for v in items]
+
+
+def as_pair(item, what: str, first: str, second: str) -> tuple:
+    """``item`` unpacked as a two-element pair, or a :class:`ValueError` naming what a pair is here
+    (e.g. ``as_pair(x, "a neuron", "layer", "neuron")``: "a neuron is a (layer, neuron) pair, got ...").
+    The elements are returned unchecked: the caller validates them as indices, strings, ...
+    (a string of length 2 unpacks too, so callers that take strings check their types)."""
+    try:
+        a, b = item
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} is a ({first}, {second}) pair, got {item!r}") from None
+    return a, b

@@ -130,6 +130,9 @@ def _editor(editor, hparams, data_dir) -> Callable:
 # evaluation
 # --------------------------------------------------------------------------------------------------
 def _prompts(lm, bag: Bag) -> list[str]:
+    """A ParaRel bag's prompts as ``lm`` reads them: the [MASK] prompts for a masked LM, else the
+    prompts that end where the object starts (:func:`kn_utils.data.pararel.causal_prompts`).  The one
+    copy: the reproduction's experiments import it from here."""
     if lm.arch.is_masked_lm:
         return list(bag.prompts)
     return causal_prompts(bag)

@@ -255,12 +255,3 @@ def _offsets(lm, text: str) -> tuple[list[int], list[tuple[int, int]]]:
             offsets.append((found, found + len(piece)))
             pos = found + len(piece)
     return ids, offsets
-
-
-def __getattr__(name):
-    # logits_at / predict / target_log_probs / target_probability moved to kn_utils.scoring (which imports
-    # this module); the old import path keeps working.
-    if name in ("logits_at", "predict", "target_log_probs", "target_probability"):
-        from . import scoring
-        return getattr(scoring, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import kn_utils as ku
-from kn_utils import models
+from kn_utils import cache, models
 from kn_utils.editing import rome
 from kn_utils.editing.rome import context_templates, layer_stats, model_key, stats_path
 
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def tmp_cache(tmp_path, monkeypatch):
     tiny_models.default_tokenizer_dir()   # resolved in the real cache before the cache moves
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     rome.stats._STATS_IN_MEMORY.clear()
     rome.templates._TEMPLATE_CACHE.clear()
     yield tmp_path / "cache"
@@ -69,7 +69,7 @@ class Builder:
 
 def _load(target, build):
     return models.load_converted(
-        lambda inode: models.cached_folder(target, build, damaged_inode=inode), torch.float32, {})
+        lambda inode: cache.cached_folder(target, build, damaged_inode=inode), torch.float32, {})
 
 
 def _assert_is_seed0_llama(model):
@@ -86,7 +86,7 @@ def _tmp_folders(parent):
 _CHILD = r"""
 import sys, time, json
 from pathlib import Path
-from kn_utils import models
+from kn_utils import cache, models
 target, log, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 def build(folder):
     with open(log, "a") as f:
@@ -96,7 +96,7 @@ def build(folder):
     (folder / "weights.bin").write_bytes(b"x" * 1000)
 while not go.exists():
     time.sleep(0.01)
-print(models.cached_folder(target, build))
+print(cache.cached_folder(target, build))
 """
 
 
@@ -113,14 +113,14 @@ def test_two_processes_loading_at_once_build_one_folder(tmp_path):
         assert p.returncode == 0, err[-3000:]      # before: OSError [Errno 39] Directory not empty
         assert out.strip() == str(target)
     assert log.read_text() == "build\n"            # the second waited and found the first's folder
-    assert models.check_model_folder(target) is None and (target / "weights.bin").stat().st_size == 1000
+    assert cache.check_model_folder(target) is None and (target / "weights.bin").stat().st_size == 1000
     assert _tmp_folders(target.parent) == []
 
 
 def test_without_a_lock_the_rename_race_keeps_the_winner(tmp_path, monkeypatch):
     # Where flock does nothing (some network file systems) both writers build; the loser's rename
     # meets a non-empty folder and must drop its own copy instead of failing.
-    monkeypatch.setattr(models, "_locked", lambda target: contextlib.nullcontext())
+    monkeypatch.setattr(cache, "_locked", lambda target: contextlib.nullcontext())
     target = tmp_path / "models" / "m"
     both_building = threading.Barrier(2, timeout=60)
     calls, results, errors = [], [], []
@@ -132,7 +132,7 @@ def test_without_a_lock_the_rename_race_keeps_the_winner(tmp_path, monkeypatch):
 
     def run():
         try:
-            results.append(models.cached_folder(target, build))
+            results.append(cache.cached_folder(target, build))
         except Exception as err:   # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -142,19 +142,19 @@ def test_without_a_lock_the_rename_race_keeps_the_winner(tmp_path, monkeypatch):
     for t in threads:
         t.join(120)
     assert errors == [] and results == [target, target] and len(calls) == 2
-    assert models.check_model_folder(target) is None
+    assert cache.check_model_folder(target) is None
     assert _tmp_folders(target.parent) == []
 
 
 _KILLED = r"""
 import sys, time
 from pathlib import Path
-from kn_utils import models
+from kn_utils import cache, models
 def build(folder):
     (folder / "model.safetensors").write_bytes(b"half written")
     print(folder, flush=True)
     time.sleep(600)
-models.cached_folder(Path(sys.argv[1]), build)
+cache.cached_folder(Path(sys.argv[1]), build)
 """
 
 
@@ -174,7 +174,7 @@ def test_a_killed_conversion_leaves_nothing_behind_a_live_one_is_untouched(tmp_p
     live.mkdir()
     legacy_old, legacy_new = target.parent / ".tmp-abc_old", target.parent / ".tmp-abc_new"
     legacy_old.mkdir(), legacy_new.mkdir()
-    os.utime(legacy_old, (time.time() - 2 * models._LEGACY_TMP_AGE_S,) * 2)
+    os.utime(legacy_old, (time.time() - 2 * cache._LEGACY_TMP_AGE_S,) * 2)
     assert half.exists()
 
     build = Builder()
@@ -217,7 +217,7 @@ DAMAGE = {
     "garbage tokenizer.json": _garbage("tokenizer.json"),
     "flipped bytes, mtime kept": _nan_bytes,
     "flipped bytes": lambda folder: _nan_bytes(folder, keep_mtime=False),
-    "garbage manifest": _garbage(models.MANIFEST),
+    "garbage manifest": _garbage(cache.MANIFEST),
 }
 
 
@@ -231,14 +231,14 @@ def test_damaged_cached_model_is_rebuilt_with_a_warning(tmp_path, damage, legacy
     build = Builder()
     _load(target, build)
     if legacy:   # a cache written by an older kn_utils
-        (target / models.MANIFEST).unlink()
+        (target / cache.MANIFEST).unlink()
     DAMAGE[damage](target)
     with pytest.warns(UserWarning, match=re.escape(str(target))):
         model, tok, folder = _load(target, build)
     assert build.calls == 2 and folder == target
     _assert_is_seed0_llama(model)
     assert tok("Paris")["input_ids"]
-    assert models.check_model_folder(target) is None and _tmp_folders(target.parent) == []
+    assert cache.check_model_folder(target) is None and _tmp_folders(target.parent) == []
     # repaired for good: the next load neither warns nor rebuilds
     import warnings
     with warnings.catch_warnings():
@@ -254,7 +254,7 @@ def test_intact_cache_is_not_rebuilt_and_a_copy_is_trusted(tmp_path):
     os.utime(target / "model.safetensors")      # touched (copied, backed up): content still intact
     _load(target, build)
     assert build.calls == 1
-    manifest = json.loads((target / models.MANIFEST).read_text())["files"]
+    manifest = json.loads((target / cache.MANIFEST).read_text())["files"]
     assert manifest["model.safetensors"]["mtime_ns"] == (target / "model.safetensors").stat().st_mtime_ns
 
 
@@ -262,13 +262,13 @@ def test_a_cache_that_stays_damaged_says_which_folder_to_delete(tmp_path):
     target = tmp_path / "models" / "m"
     # files as written (manifest digests match) but NaN weights: rebuilding cannot help
     build = Builder(nan=True)
-    with pytest.raises(models.DamagedCache, match=re.escape(str(target)) + ".*NaN.*delete"):
+    with pytest.raises(cache.DamagedCache, match=re.escape(str(target)) + ".*NaN.*delete"):
         _load(target, build)
     assert build.calls == 1
     # without a manifest (an older cache) it is rebuilt once, then the error names the folder
-    (target / models.MANIFEST).unlink()
+    (target / cache.MANIFEST).unlink()
     with pytest.warns(UserWarning, match=re.escape(str(target))):
-        with pytest.raises(models.DamagedCache, match=re.escape(str(target)) + ".*delete"):
+        with pytest.raises(cache.DamagedCache, match=re.escape(str(target)) + ".*delete"):
             _load(target, build)
     assert build.calls == 2
 
@@ -278,10 +278,10 @@ def test_a_load_error_that_is_not_the_caches_fault_is_not_a_rebuild(tmp_path):
     build = Builder()
     _load(target, build)
     with pytest.raises(Exception) as info:
-        models.load_converted(lambda inode: models.cached_folder(target, build, damaged_inode=inode),
+        models.load_converted(lambda inode: cache.cached_folder(target, build, damaged_inode=inode),
                               torch.float32, {"device_map": "no-such-device"})
-    assert not isinstance(info.value, models.DamagedCache)
-    assert build.calls == 1 and models.check_model_folder(target) is None
+    assert not isinstance(info.value, cache.DamagedCache)
+    assert build.calls == 1 and cache.check_model_folder(target) is None
 
 
 @pytest.mark.parametrize("damage", ["truncated weights", "garbage config.json", "flipped bytes"])

@@ -204,7 +204,8 @@ def test_blimp_tables_record_the_source(tiny, no_data):
     with pytest.warns(BuiltinDataWarning):
         rows = blimp.load_paradigm("sva_1")
     assert pairs.attrs["data_source"] == rows.source
-    assert blimp.pair_scores(tiny("llama"), pairs).attrs["data_source"] == rows.source
+    from kn_utils.blimp_tasks import pair_scores
+    assert pair_scores(tiny("llama"), pairs).attrs["data_source"] == rows.source
 
 
 # ---------------------------------------------------------------------------- Makefile and demo

@@ -357,8 +357,11 @@ def test_update_readme_splices_each_models_headline(tmp_path, capsys):
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
     assert "61.50" in text and "12.25" in text and "reports/gemma-3-270m/REPORT.md" in text
     # an incomplete report keeps its mark; a smoke or subset report is never a model's headline
-    assert "**incomplete**; scale: report; items 3 / 5" in text and "compute time 2.00 h" in text
-    assert "77.75" not in text and "88.50" not in text
+    default_line = next(ln for ln in text.splitlines() if ln.startswith("- **default**"))
+    assert "**incomplete**" in default_line and "total compute time: 2.00 h" in default_line
+    assert "`abcdef123`" in default_line and "scale `report`" in default_line
+    assert "**incomplete**" not in next(ln for ln in text.splitlines() if ln.startswith("- **gemma-3-270m**"))
+    assert "77.75" not in text and "88.50" not in text and "smoky" not in text
     assert "smoky" in capsys.readouterr().err
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):

@@ -438,19 +438,5 @@ def expand_templates(lm, uid: str = _DNA + "2", data_dir=None, n: int | None = N
     return df
 
 
-# --------------------------------------------------------------------------------------------------
-# Scoring lives in kn_utils.scoring (data loaders do not run the model); the old names stay here.
-# --------------------------------------------------------------------------------------------------
-_MOVED = {"pair_scores": "pair_scores", "accuracy": "blimp_accuracy", "trace_items": "trace_items"}
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        from .. import scoring   # lazily: scoring imports this module's loaders
-        return getattr(scoring, _MOVED[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["ALL_UIDS", "PAPER_PARADIGMS", "SHORT_NAMES", "accuracy", "builtin_paradigms",
-           "expand_templates", "load_paradigm", "minimal_pairs", "pair_scores", "paradigms",
-           "resolve_uid", "trace_items"]
+__all__ = ["ALL_UIDS", "PAPER_PARADIGMS", "SHORT_NAMES", "builtin_paradigms", "expand_templates",
+           "load_paradigm", "minimal_pairs", "paradigms", "resolve_uid"]

@@ -175,45 +175,45 @@ def render(sections, meta, plan) -> str:
 README_START, README_END = "<!-- reproduction-headline:start -->", "<!-- reproduction-headline:end -->"
 
 
-def update_readme(readme=None, reports=None) -> str:
-    """Write the headline table of every ``reports/<model>/`` into the README between the
-    reproduction-headline markers, from its ``report.json`` and ``headline.csv``.  A smoke-scale or
-    subset report is not a model's headline and is left out (said on stderr); an incomplete one
-    keeps its mark."""
+def headline_folders(reports) -> list[str]:
+    """The report folders whose headline may go into the README: a report rendered from the store
+    (report.json) at the report or paper scale with every unit; a report of the old renderer unless
+    its REPORT.md says smoke.  A smoke-scale or subset report is never a model's headline."""
     import sys
+
+    keep = []
+    for csv in sorted(Path(reports).glob("*/headline.csv")):
+        folder = csv.parent
+        try:
+            meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            text = (folder / "REPORT.md").read_text(encoding="utf-8") if (folder / "REPORT.md").is_file() else ""
+            meta = {"scale": "smoke" if "- scale: `smoke`" in text else "report", "all_units": True}
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("scale") in ("report", "paper") and meta.get("all_units"):
+            keep.append(folder.name)
+        else:
+            print(f"update_readme: {folder.name}: a {meta.get('scale', 'unreadable')}-scale"
+                  f"{'' if meta.get('all_units') else ' or subset'} report is not the model's headline: "
+                  f"left out", file=sys.stderr)
+    return keep
+
+
+def update_readme(readme=None, reports=None) -> str:
+    """Write the headline of every ``reports/<model>/`` (:func:`kn_utils.headline.readme_block`,
+    from its headline.csv and report.json) between the README's reproduction-headline markers.
+    Smoke-scale and subset reports are left out; an incomplete one keeps its mark."""
+    from ..headline import readme_block
 
     root = Path(__file__).resolve().parents[2]
     readme = Path(readme or root / "README.md")
     reports = Path(reports or root / "reports")
-    blocks = []
-    for csv in sorted(reports.glob("*/headline.csv")):
-        name = csv.parent.name
-        try:
-            meta = json.loads((csv.parent / META_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            print(f"update_readme: {name}: no {META_FILE} (rendered by an older kn_utils): left out", file=sys.stderr)
-            continue
-        if meta.get("scale") not in ("report", "paper") or not meta.get("all_units"):
-            print(f"update_readme: {name}: a {meta.get('scale')}-scale"
-                  f"{'' if meta.get('all_units') else ' subset'} report is not the model's headline: left out",
-                  file=sys.stderr)
-            continue
-        done = sum(v["n_done"] for v in meta["sections"].values())
-        planned = sum(v["n_planned"] for v in meta["sections"].values())
-        info = [f"scale: {meta['scale']}", f"items {done} / {planned}",
-                f"compute time {meta['compute_seconds'] / 3600:.2f} h",
-                "commits " + ", ".join(c[:9] for c in meta["commits"])]
-        if meta.get("incomplete"):
-            info.insert(0, "**incomplete**")
-        if meta.get("below_minimum"):
-            info.insert(0, "**below the report minimum**")
-        blocks += [f"**{name}** ([REPORT.md](reports/{name}/REPORT.md); " + "; ".join(info) + ")", "",
-                   markdown_table(pd.read_csv(csv)), ""]
     text = readme.read_text(encoding="utf-8")
     if README_START not in text or README_END not in text:
         raise ValueError(f"{readme} has no {README_START} ... {README_END} markers")
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
-    body = "\n".join(blocks) if blocks else "(no report generated yet: `make reports`)"
+    body = readme_block(reports, headline_folders(reports))
     atomic_write_text(readme, head + README_START + "\n" + body + "\n" + README_END + tail)
     return body

@@ -25,7 +25,7 @@ SETS = ("facts", "dna", "sva")
 
 def plan(ctx):
     from .. import filter_known, load_known_facts
-    from ..scoring import trace_items
+    from ..blimp_tasks import trace_items
     from ..tracing import noise_level
 
     n = ctx.sizes["aie_n"]

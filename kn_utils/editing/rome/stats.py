@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ... import targets as tg
 from ...hooks import record
-from ...models import cache_dir, pid_alive
+from ...cache import cache_dir, pid_alive
 
 # Config entries that say where or with what a model was loaded, not what it computes.
 _CONFIG_NOT_IDENTITY = ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash")

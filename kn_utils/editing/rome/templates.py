@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ...models import cache_dir
+from ...cache import cache_dir
 from .stats import model_key
 
 _GEN_PREFIXES = ("The", "Therefore", "Because", "I", "You")
