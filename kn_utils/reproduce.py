@@ -206,6 +206,7 @@ def reproduce(lm, scale: str = "smoke", out=None, *, sections=None, data_dir=Non
             if stopped and (store.plan(name) or {}).get("key") == key:
                 continue            # out of time, and its plan is already stored: n planned is known
             doc = _plan_doc(unit, ctx, key, fingerprint, scale, all_sizes, overridden, model_name, data_dir)
+            doc["settings"] = settings      # what the key digests, readable
             try:
                 plan = unit.plan(ctx)
             except SectionSkipped as why:
