@@ -31,7 +31,24 @@ def _cell(row, layer) -> str:
     return f"{ours}{ci} n={int(row.n)}{where}"
 
 
+def _meta_line(folder: Path, meta: dict) -> str:
+    """The line of a report rendered from the result store (its report.json)."""
+    parts = [f"[REPORT.md](reports/{folder.name}/REPORT.md)",
+             f"scale `{meta.get('scale')}`" + (", sizes overridden" if meta.get("overridden") else ""),
+             "commit " + ", ".join(f"`{c[:9]}`" for c in meta.get("commits", [])),
+             f"total compute time: {meta.get('compute_seconds', 0) / 3600:.2f} h"]
+    if meta.get("incomplete"):
+        parts.append("**incomplete**")
+    if meta.get("below_minimum"):
+        parts.append("**below the report minimum**")
+    return f"- **{folder.name}**: " + "; ".join(parts)
+
+
 def _report_line(folder: Path) -> str:
+    if (folder / "report.json").is_file():
+        import json
+
+        return _meta_line(folder, json.loads((folder / "report.json").read_text(encoding="utf-8")))
     report = folder / "REPORT.md"
     text = report.read_text(encoding="utf-8") if report.is_file() else ""
     meta = {m.group(1): m.group(2) for m in re.finditer(r"^- (scale|commit|total wall time): (.*)$", text, re.M)}
@@ -48,9 +65,12 @@ def _report_line(folder: Path) -> str:
     return f"- **{folder.name}**: " + "; ".join(parts)
 
 
-def readme_block(reports) -> str:
-    """The markdown between the README's headline markers, from ``reports/*/headline.csv``."""
+def readme_block(reports, folders=None) -> str:
+    """The markdown between the README's headline markers, from ``reports/*/headline.csv`` (only
+    the report folders named in ``folders``, if given)."""
     csvs = sorted(Path(reports).glob("*/headline.csv"))
+    if folders is not None:
+        csvs = [c for c in csvs if c.parent.name in set(folders)]
     if not csvs:
         return "(no report generated yet: `make reproduce`)"
     models = [c.parent.name for c in csvs]
