@@ -4,13 +4,9 @@ Each function validates its input, returns a table (pandas DataFrame) or a small
 draws its figure through :mod:`kn_utils.plotting` (shown inline in a notebook, saved when given
 ``save=``).  The notebooks stay thin: every step there is one of these calls.
 
-    import kn_utils as ku
-    from kn_utils import explore
     explore.top_tokens(lm, "The capital of France is")
-    att = explore.attribution(lm, "The capital of France is", "Paris")
-    kns = explore.knowledge_neurons(lm, ["The capital of France is", "France's capital is"], "Paris")
-    explore.intervention(lm, kns.prompts, "Paris", kns.neurons, others=["London", "Rome"])
-    explore.trace(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower")
+    kns = explore.knowledge_neurons(lm, "The capital of France is", "Paris")   # + its paraphrases
+    explore.intervention(lm, kns.prompts, "Paris", kns.chosen, others=["London", "Rome"])
     explore.rome_story(lm, "The capital of Canada is", "Canada", "Rome", reverse="Rome is the capital of")
 """
 from __future__ import annotations
@@ -82,9 +78,7 @@ def _root() -> Path:
 def shown_path(text) -> str:
     """``text`` with every absolute path written relative to the checkout ("../shared/data"), so
     committed outputs show no path of the machine that made them."""
-    def rel(m):
-        return os.path.relpath(m.group(0), _root())
-    return re.sub(r"(?<![\w:])/[^\s()'\",]+", rel, str(text))
+    return re.sub(r"(?<![\w:])/[^\s()'\",]+", lambda m: os.path.relpath(m.group(0), _root()), str(text))
 
 
 def _slug(text: str, size: int = 60) -> str:
@@ -112,7 +106,6 @@ def known_examples(lm, n: int = 1, data_dir=None, candidates=None) -> pd.DataFra
     from; raises if the model knows none of them."""
     from .data.counterfact import load_known_facts
     from .tracing import filter_known
-
     _positive_int("n", n)
     if candidates is None:
         pools = [load_known_facts(builtin=True)]
@@ -144,7 +137,6 @@ def paraphrases(prompt: str, n: int = 5, data_dir=None, relation=None) -> list[s
     ``n``) the prompt behind the lead-ins of :data:`GENERIC_FRAMES`.  ``.source`` of the returned
     list says which."""
     from .data import Loaded, pararel
-
     prompt, found, source = _prompt(prompt).strip(), [], "generic lead-ins (explore.GENERIC_FRAMES)"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -279,13 +271,10 @@ def knowledge_neurons(lm, prompts, target: str, *, steps: int = 20, width: int =
     :class:`PromptKNs`).  Draws the mean attribution map around the KNs, else the closest set
     (labelled "candidate"), else around its maximum (labelled "max attribution").
     """
-    if isinstance(prompts, str):
-        prompts = paraphrases(prompts, n_paraphrases, data_dir)
-    prompts = _prompts(prompts)
+    prompts = _prompts(paraphrases(prompts, n_paraphrases, data_dir) if isinstance(prompts, str) else prompts)
     if len(prompts) < 2:
         raise ValueError(f"knowledge neurons need at least 2 paraphrases, got {len(prompts)}: {prompts!r}")
-    _prompt(target, "target")
-    _positive_int("steps", steps)
+    _prompt(target, "target"), _positive_int("steps", steps)
     maps = attribution_maps(lm, prompts, [target] * len(prompts), steps=steps, progress=False)
     res = find_knowledge_neurons(lm, prompts, target, maps=maps, progress=False, **kn_kwargs)
     mean = maps.mean(0)
@@ -324,13 +313,10 @@ def intervention(lm, prompts, target: str, neurons, *, others=(), factor: float 
     Returns one row per word: word, role, p before, p suppressed, p enhanced, and the two relative
     changes (p_post - p_pre) / min(p_post, p_pre).
     """
-    prompts = _prompts(prompts)
-    _prompt(target, "target")
-    if isinstance(others, str):
-        others = [others]
+    prompts, _ = _prompts(prompts), _prompt(target, "target")
+    others = [others] if isinstance(others, str) else others
     words = list(dict.fromkeys([target, *others]))
-    for w in words:
-        _prompt(w, "each of others")
+    [_prompt(w, "each of others") for w in words]
     neurons = [(int(a), int(b)) for a, b in neurons]
     if not neurons:
         raise ValueError("no neurons to intervene on: pass a non-empty list of (layer, neuron) pairs")
@@ -368,9 +354,7 @@ def trace(lm, prompt: str, subject: str, *, samples: int = 10, noise="s3", targe
           kinds=TRACE_KINDS, save=None, folder=None, progress: bool = False) -> dict:
     """Causal traces of ``prompt`` with ``subject`` corrupted: hidden state, MLP and attention panels
     (Fig 7), drawn side by side.  Returns {kind: TraceResult}; :func:`trace_summary` tabulates it."""
-    _prompt(prompt)
-    _prompt(subject, "subject")
-    if subject not in prompt:
+    if _prompt(subject, "subject") not in _prompt(prompt):
         raise ValueError(f"subject {subject!r} is not in the prompt {prompt!r}")
     _positive_int("samples", samples)
     kinds = list(kinds)
@@ -410,10 +394,9 @@ def rome_hparams(lm, data_dir=None, config: str = "paper"):
     hp = ROMEHyperParams.for_model(lm, config)
     corpus = resolve_corpus(hp.mom2_dataset, data_dir)
     if hp.mom2_adjustment and corpus.startswith("hub:") and importlib.util.find_spec("datasets") is None:
-        warnings.warn(f"no local text corpus for ROME's covariance statistics (no data folder) and no "
-                      f"`datasets` package to fetch {corpus[4:]!r}: ROME runs without the covariance "
-                      f"adjustment (C = identity); give DATA_DIR a folder with wikitext/ for the paper's "
-                      f"setting", UserWarning, stacklevel=2)
+        warnings.warn(f"no local text corpus for ROME's covariance statistics (no data folder) and no `datasets` "
+                      f"package to fetch {corpus[4:]!r}: ROME runs without the covariance adjustment (C = "
+                      f"identity); give DATA_DIR a folder with wikitext/ for the paper's setting", stacklevel=2)
         hp = dataclasses.replace(hp, mom2_adjustment=False)
     return hp
 
