@@ -86,10 +86,11 @@ def _slug(text: str, size: int = 60) -> str:
 
 
 def your_prompt_folder(lm, prompt: str) -> Path:
-    """``results/<model>/your_prompt/<prompt>/`` of the checkout: where the "Your prompt" cells save
-    their figures.  ``results/`` is git-ignored, so trying prompts never changes a tracked file, and
-    each prompt (and model) keeps its own figures."""
-    return _root() / "results" / _slug(lm.name, 40) / "your_prompt" / _slug(_prompt(prompt))
+    """``results/<model>/your_prompt/<prompt>/`` of the checkout (``$KN_RESULTS_DIR`` replaces
+    ``results/``): where the "Your prompt" cells save their figures.  ``results/`` is git-ignored, so
+    trying prompts never changes a tracked file, and each prompt (and model) keeps its own figures."""
+    base = Path(os.environ.get("KN_RESULTS_DIR") or _root() / "results")
+    return base / _slug(lm.name, 40) / "your_prompt" / _slug(_prompt(prompt))
 
 
 def layer_sweep_file(lm) -> Path | None:
