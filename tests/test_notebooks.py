@@ -214,3 +214,18 @@ def test_stored_outputs_are_free_of_machine_paths_and_progress_bars(name):
                                                   if k.startswith("text/"))
             assert "Loading weights" not in text, (i, text[:200])
             assert str(ROOT) not in text and home not in text and "/work/" not in text, (i, text[:300])
+
+
+def test_make_lab_keeps_allow_root_when_lab_args_are_overridden():
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    cmd = ["make", "-n", "-s", "-o", ".venv/.installed", "lab", "LAB_ARGS=--no-browser --port 8890"]
+    last = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    assert "jupyter lab" in last and "--no-browser --port 8890" in last
+    assert ("--allow-root" in last) == (os.getuid() == 0)
+    off = subprocess.run([*cmd, "LAB_ROOT_ARGS="], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "--allow-root" not in off
