@@ -90,7 +90,8 @@ def your_prompt_folder(lm, prompt: str) -> Path:
     ``results/``): where the "Your prompt" cells save their figures.  ``results/`` is git-ignored, so
     trying prompts never changes a tracked file, and each prompt (and model) keeps its own figures."""
     base = Path(os.environ.get("KN_RESULTS_DIR") or _root() / "results")
-    return base / _slug(lm.name, 40) / "your_prompt" / _slug(_prompt(prompt))
+    # a model given as a folder is named by its path: its end names it best
+    return base / _slug(lm.name, 400)[-40:].strip("-") / "your_prompt" / _slug(_prompt(prompt))
 
 
 def layer_sweep_file(lm) -> Path | None:
