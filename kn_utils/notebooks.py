@@ -7,6 +7,11 @@ cell papermill injects after it:
     python -m kn_utils.notebooks localise_kn.ipynb ct_rome.ipynb               # in place, defaults
     make notebooks                                                              # the same
     python -m kn_utils.notebooks -p MODEL gemma-3-270m -p N_PROMPTS 20 --out results localise_kn.ipynb
+
+A ``-p`` name the notebook does not have, or a value of another type than the default's ("abc" for
+an int), is refused before any cell runs (exit status 2).  Each executed notebook is written to a
+temporary file and renamed over the target only when every cell ran: an interrupted run leaves the
+old notebook; a failed one leaves it too, with the failed copy as ``<name>.failed.ipynb`` beside it.
 """
 from __future__ import annotations
 
