@@ -89,7 +89,10 @@ def test_notebook_default_model(tmp_path):
            skipped=["MODIFIERS = {\"plural\": [\"these\", \"those\", \"two\", \"both\", \"multiple\", \"several\", \"various\"],"])
     text = _text(nb)
     assert "determiner_noun_agreement_1" in text and "P36" in text and "causal LM" in text
-    assert "Loading weights" not in text and "What this run shows" in text
+    assert "Loading weights" not in text
+    shown = ["".join(o["data"]["text/markdown"]) for c in nb.cells for o in c.get("outputs", [])
+             if "text/markdown" in o.get("data", {})]
+    assert len(shown) == 1 and "What this run shows" in shown[0] and "suppressing the plural neuron" in shown[0]
 
 
 def test_localise_command(tmp_path, data_dir):
