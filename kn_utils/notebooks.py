@@ -172,6 +172,7 @@ def run_notebook(path, out=None, *, parameters: dict | None = None, env: dict | 
     try:
         nbformat.write(nb, partial)
         os.replace(partial, out)
+        out.with_name(f"{out.stem}.failed.ipynb").unlink(missing_ok=True)  # an earlier failure's copy
     finally:
         partial.unlink(missing_ok=True)
     return nb, seconds
