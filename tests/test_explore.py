@@ -219,7 +219,7 @@ def test_where_your_prompt_results_go_and_sweeps(tiny):
     assert a.relative_to(checkout_root()).parts[0] == "results"
     assert explore.layer_sweep_file(lm) is None                  # a tiny model has no sweep
     lm.name = "gemma-3-270m"
-    assert explore.layer_sweep_file(lm).name == "layer_sweep_gemma.csv"
+    assert explore.layer_sweep_file(lm).name == "layer_sweep_gemma_paper.csv"
     lm.name = "default"
     assert explore.layer_sweep_file(lm).name == "layer_sweep.csv"
     assert explore.shown_path(f"data: {checkout_root()}/x/y.json (3 items)") == "data: x/y.json (3 items)"
