@@ -153,8 +153,11 @@ def main(argv=None):
         med = statistics.median(seconds[v])
         print(f"  {v:12s} {med:8.1f} s/item  {3600 / med:7.1f} items/h  speed-up x{base / med:.2f}  "
               f"(runs: {', '.join(f'{s:.1f}' for s in seconds[v])})")
-    for v in variants[1:]:
-        print(f"  {v} vs old, largest differences: {compare(last['old'], last[v])}")
+    for v in variants[1:]:   # each round's old and new ran back to back: their ratio is less noisy
+        ratios = [o / s for o, s in zip(seconds["old"], seconds[v])]
+        print(f"  {v}: per-round speed-up x{statistics.median(ratios):.2f} (median of "
+              f"{', '.join(f'{r:.2f}' for r in ratios)}); largest differences from old: "
+              f"{compare(last['old'], last[v])}")
 
 
 if __name__ == "__main__":
