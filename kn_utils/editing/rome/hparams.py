@@ -15,8 +15,8 @@ Presets are data, one JSON file per model configuration in ``kn_utils/resources/
     {"model": "gemma-3-270m",                 # the name preset() takes
      "config": "paper",                       # "paper" | "rome"
      "match": {"family": "gemma3_text", "n_layers": 18, "d_model": 640},   # or null
-     "hparams": {"layer": 3, "v_num_grad_steps": 20, ...},   # ROMEHyperParams fields (all of them)
-     "layer_source": {"file": "benchmarks/layer_sweep_gemma.csv", "row": "layer=3",
+     "hparams": {"layer": 1, "v_num_grad_steps": 20, ...},   # ROMEHyperParams fields (all of them)
+     "layer_source": {"file": "benchmarks/layer_sweep_gemma_paper.csv", "row": "layer=1",
                       "why": "what the sweep measured and why this layer"}}
 
 ``match`` is the (``lm.arch.family``, ``n_layers``, ``d_model``) for which :meth:`for_model` picks the
