@@ -71,9 +71,12 @@ bench: model
 	$(PY) benchmarks/tracing.py
 	$(PY) benchmarks/rome.py
 
-# Every experiment of the paper at one scale -> reports/<model>/REPORT.md (+ CSV, PNG):
-#   make reproduce                                  default model, --scale report (<= 60 min target on 2 CPU cores)
+# Every experiment of the paper at one scale into reports/<model>/records (one record per item; only
+# the missing items are computed, so a run continues where the last one stopped), then REPORT.md
+# (+ CSV, PNG, headline.csv, report.json) rendered from every record of the folder:
+#   make reproduce                                  default model, --scale report
 #   make reproduce REPRO_MODEL=gemma-3-270m REPRO_SCALE=smoke REPRO_ARGS="--sections table1 tracing"
+#   make reproduce REPRO_ARGS="--render-only"       re-render from the records, no model
 REPRO_MODEL ?= default
 REPRO_SCALE ?= report
 REPRO_ARGS ?=
@@ -81,21 +84,28 @@ reproduce: model
 	$(PY) -m kn_utils reproduce --model $(REPRO_MODEL) --scale $(REPRO_SCALE) $(REPRO_ARGS)
 	$(MAKE) readme-headline
 
-# The committed reports: both embedded models at the sizes that fit 60 min on this 2-core CPU, run
-# side by side with one thread each (how their wall times were measured); below issue 12's report
-# minimum, and each report says its sizes were overridden.  `make reports` regenerates both.
-REPORT_SIZES_COMMON = --size facts_per_relation=1 --size blimp_n=200 --size agreement_pool=100
-REPORT_SIZES_default = $(REPORT_SIZES_COMMON) --size rome_n=22 --size kn_n=3 --size counterfact_n=12 \
-	--size max_relations=8 --size bag_prompts=5 --size fig6b_pairs=200 --size aie_n=7
-REPORT_SIZES_gemma-3-270m = $(REPORT_SIZES_COMMON) --size rome_n=14 --size kn_n=3 --size counterfact_n=10 \
-	--size max_relations=6 --size bag_prompts=4 --size fig6b_pairs=150 --size aie_n=4
+# The committed reports: both embedded models at the report scale (issue 21's report minimum), on
+# both CPU cores as two shards (--shard 0/2 and 1/2, one thread each); each shard runs the models in
+# sequence, each model for at most REPORT_BUDGET seconds (then it stops after the items in progress,
+# and the report says what is still to do).  Run `make reports` again to continue; the records and
+# reports are committed each time.
+REPORT_MODELS ?= default gemma-3-270m
+REPORT_BUDGET ?= 1800
+REPORT_ARGS ?=
 reports: model
-	$(MAKE) -j2 report-default report-gemma-3-270m
+	@pids=""; for k in 0 1; do \
+	  ( for m in $(REPORT_MODELS); do \
+	      OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m kn_utils reproduce --model $$m --scale report \
+	        --shard $$k/2 --time-budget $(REPORT_BUDGET) $(REPORT_ARGS) || exit 1; \
+	    done ) & pids="$$pids $$!"; \
+	done; fail=0; for p in $$pids; do wait $$p || fail=1; done; exit $$fail
 	$(MAKE) readme-headline
 report-%:
-	OMP_NUM_THREADS=1 $(PY) -m kn_utils reproduce --model $* --scale report $(REPORT_SIZES_$*)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m kn_utils reproduce --model $* --scale report \
+	  --time-budget $(REPORT_BUDGET) $(REPORT_ARGS)
 
-# the README's headline table, from every reports/<model>/headline.csv
+# the README's headline table, from every reports/<model>/headline.csv and report.json (a smoke or
+# subset report is left out; an incomplete one keeps its mark)
 readme-headline:
 	$(PY) -c "from kn_utils.reproduce import update_readme; update_readme()"
 

@@ -7,7 +7,8 @@
 from .arch import Architecture, UnsupportedArchitecture, describe
 from .hooks import (add_activation, enhance, hook_count, modify, record, scale_activation,
                     set_activation, suppress)
-from .models import LanguageModel, cache_dir, load_model
+from .cache import cache_dir
+from .models import LanguageModel, load_model
 from .targets import prepare, subject_span
 from .scoring import Score, predict, score_targets, target_log_probs, target_probability
 
@@ -24,6 +25,6 @@ from .tracing import (TraceResult, aggregate_traces, average_indirect_effect, av
 from .data.counterfact import load_counterfact, load_known_facts
 
 from .data.blimp import expand_templates, load_paradigm, minimal_pairs
-from .scoring import blimp_accuracy, pair_scores as blimp_pair_scores
+from .blimp_tasks import blimp_accuracy, pair_scores as blimp_pair_scores
 
 __version__ = "0.1.0"

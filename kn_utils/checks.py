@@ -57,3 +57,60 @@ def as_indices(values, name: str, size: int | None = None, *, negative: bool = F
         raise TypeError(f"{name} must be an integer or a sequence of integers, got "
                         f"{type(values).__name__} {values!r}") from None
     return [as_index(v, name, size, negative=negative, range_text=range_text) for v in items]
+
+
+def as_pair(item, what: str, first: str, second: str) -> tuple:
+    """``item`` unpacked as a two-element pair, or a :class:`ValueError` naming what a pair is here
+    (e.g. ``as_pair(x, "a neuron", "layer", "neuron")``: "a neuron is a (layer, neuron) pair, got ...").
+    The elements are returned unchecked: the caller validates them as indices, strings, ...
+    (a string of length 2 unpacks too, so callers that take strings check their types)."""
+    try:
+        a, b = item
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} is a ({first}, {second}) pair, got {item!r}") from None
+    return a, b
+
+
+class UsageError(ValueError):
+    """The user's input is wrong and nothing was computed yet: ``python -m kn_utils`` prints it as one
+    line (``python -m kn_utils <command>: error: ...``) and exits with status 2, like argparse."""
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` as an int >= 1 (bool, float and str are refused: 1.5 must not become 1)."""
+    if not _is_int_scalar(value) or int(value) < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def writable_folder(path, name: str = "--out"):
+    """``path`` as a folder that exists (created if needed) and takes a new file, checked before any
+    compute: a file in its place, a read-only or unreachable folder is a :class:`UsageError`."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{name} {str(folder)!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UsageError(f"{name} {str(folder)!r} cannot be written ({err.strerror or err})") from None
+    return folder
+
+
+def replace_file(path, write) -> None:
+    """Write ``path`` through ``write(temporary path)`` and rename the result over it once complete,
+    so an interrupted run leaves the old file or the new one, never half of one."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import targets as tg
 from .data import source_of
-from .data.counterfact import load_counterfact
+from .data.counterfact import check_records, load_counterfact
 from .evaluation import EditRequest, _editor, score
 
 COLUMNS = ("prompt", "subject", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
@@ -54,11 +54,16 @@ def evaluate_counterfact(lm, editor="rome", n: int | None = 50, data_dir=None, h
     :func:`kn_utils.evaluation.evaluate_edits`), measure efficacy / paraphrase / neighbourhood before
     and after, restore.  ``records``: an already loaded table (columns :data:`COLUMNS`).
     One row per record; ``df.attrs["data_source"]`` names the file."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n must be None (every record) or a positive integer, got {n!r}")
     if records is None:
         records = load_counterfact(data_dir, n=n)
     missing = set(COLUMNS) - set(records.columns)
     if missing:
         raise ValueError(f"CounterFact records lack columns {sorted(missing)} (need {list(COLUMNS)})")
+    # before any edit: a null target would be edited towards the text "nan" and counted
+    check_records(records.head(n).to_dict("records") if n else records.to_dict("records"), COLUMNS,
+                  records.attrs.get("source", "CounterFact records"))
     edit_fn = _editor(editor, hparams, data_dir)
     name = editor if isinstance(editor, str) else getattr(editor, "__name__", "custom")
     rows = []

@@ -130,6 +130,9 @@ def _editor(editor, hparams, data_dir) -> Callable:
 # evaluation
 # --------------------------------------------------------------------------------------------------
 def _prompts(lm, bag: Bag) -> list[str]:
+    """A ParaRel bag's prompts as ``lm`` reads them: the [MASK] prompts for a masked LM, else the
+    prompts that end where the object starts (:func:`kn_utils.data.pararel.causal_prompts`).  The one
+    copy: the reproduction's experiments import it from here."""
     if lm.arch.is_masked_lm:
         return list(bag.prompts)
     return causal_prompts(bag)
@@ -210,13 +213,15 @@ def _criteria(rel, pre, post, n_gen, n_loc):
 
 
 def evaluate_edits(lm, editor="rome", relation: str = "P36", n: int | None = None, data_dir=None,
-                   hparams=None, progress: bool = True, n_locality: int = 5) -> pd.DataFrame:
+                   hparams=None, progress: bool = True, n_locality: int = 5,
+                   items: list[int] | None = None) -> pd.DataFrame:
     """Edit each of the first ``n`` facts of ``relation`` in turn and measure the criteria.
 
     ``editor``: "rome" (``hparams`` = :class:`~kn_utils.editing.rome.ROMEHyperParams`), "kn" (Dai et
     al.'s update on neurons from :func:`kn_utils.attribution.find_knowledge_neurons`; ``hparams`` =
     kn_edit keyword arguments, plus ``"find": {...}`` for the neuron search) or a callable
     ``f(lm, request: EditRequest) -> edit with .restore()``.  Returns one row per item.
+    ``items``: only these indices of the first ``n`` (the same rows as in the full run).
     """
     rel = relation.split("(")[0] if isinstance(relation, str) else relation
     if rel not in RELATIONS:
@@ -230,7 +235,8 @@ def evaluate_edits(lm, editor="rome", relation: str = "P36", n: int | None = Non
     bags = load_bags(rel, data_dir=data_dir, n=None if n is None else max(n, 2))
     if len(bags) < 2:
         raise ValueError(f"{rel}: at least two facts are needed (new targets come from other facts)")
-    items = range(min(len(bags), n) if n is not None else len(bags))
+    every = range(min(len(bags), n) if n is not None else len(bags))
+    items = every if items is None else [i for i in every if i in set(items)]
     syn = synonyms() if rel == "P101" else {}
     rows, skipped = [], []
     name = editor if isinstance(editor, str) else getattr(editor, "__name__", "custom")

@@ -23,20 +23,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .checks import as_indices
+from .checks import as_indices, as_pair
 
 Index = int | Sequence[int] | slice | torch.Tensor | None
-
-# the batching mechanics moved to kn_utils.engine; their old names here keep working
-_MOVED_TO_ENGINE = ("narrow_logits", "gather_logits", "read_logits", "batch_widener")
-
-
-def __getattr__(name):
-    if name in _MOVED_TO_ENGINE:
-        from . import engine  # imported lazily: engine builds on this module
-        return getattr(engine, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 class HookSet:
     """Registers hooks and guarantees their removal; the base of every context manager here."""
@@ -238,10 +227,7 @@ def neurons_by_layer(lm, neurons) -> dict[int, list[int]]:
         raise ValueError(f"neurons must be a list of (layer, neuron) pairs, got {neurons!r}")
     grouped: dict[int, list[int]] = defaultdict(list)
     for item in neurons:
-        try:
-            layer, neuron = item
-        except (TypeError, ValueError):
-            raise ValueError(f"a neuron is a (layer, neuron) pair, got {item!r}") from None
+        layer, neuron = as_pair(item, "a neuron", "layer", "neuron")
         layer, neuron = lm.arch.check_neuron(layer, neuron)
         if neuron not in grouped[layer]:
             grouped[layer].append(neuron)

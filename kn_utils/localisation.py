@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attribution import KNResult, attribution_maps, find_knowledge_neurons
+from .blimp_tasks import blimp_accuracy
 from .data import blimp
 
 
@@ -105,14 +106,14 @@ def localise_paradigm(lm, uid, *, n: int, eval_n: int | None = None, steps: int 
                "threshold": threshold, "tau_start": tau, "groups": {}}
     if tau_mode != "strict":  # the default leaves the JSON as it was
         summary["tau_mode"] = tau_mode
-    before = blimp.accuracy(lm, ev) if accuracy else None
+    before = blimp_accuracy(lm, ev) if accuracy else None
     for group, res in results.items():
         info = summary["groups"][str(group)] = {
             "n_prompts": res.n_prompts, "neurons": [list(x) for x in res.neurons], "tau": res.tau,
             "kn_count_tau_start": res.n_initial, "r2": res.r2, "converged": res.converged,
             "message": res.message}
         if accuracy:
-            after = blimp.accuracy(lm, ev, neurons=res.neurons) if res.neurons else before
+            after = blimp_accuracy(lm, ev, neurons=res.neurons) if res.neurons else before
             info.update(accuracy_before=before, accuracy_after_suppression=after, eval_pairs=len(ev))
     group_table, prompt_table = pd.DataFrame(group_rows), pd.DataFrame(prompt_rows)
     for table in (group_table, prompt_table):

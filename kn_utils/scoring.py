@@ -6,7 +6,7 @@
 
 Every caller that reads a model's prediction goes through :func:`read_queries`: ``predict``,
 ``target_log_probs``, the edit evaluation (:mod:`kn_utils.evaluation`), BLiMP accuracy
-(:func:`pair_scores`) and Dai et al.'s intervention measurements
+(:func:`kn_utils.blimp_tasks.pair_scores`) and Dai et al.'s intervention measurements
 (:func:`kn_utils.editing.kn.measure_intervention`).
 
 How a batch is built:
@@ -15,7 +15,7 @@ How a batch is built:
   queries on the same input share one forward (a causal multi-token target is one input), and
   several tokens scored at one read position share its logits;
 * inputs are sorted by length and right padded, so every real token keeps its position;
-* the vocabulary projection runs only at the read positions (:func:`kn_utils.hooks.read_logits`).
+* the vocabulary projection runs only at the read positions (:func:`kn_utils.engine.read_logits`).
 
 With ``neurons``, their activations are multiplied by ``factor`` at the read position of each row
 (``scale_at="read"``, Dai et al.'s intervention), at each row's last real token (``"last"``) or
@@ -30,10 +30,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .checks import as_pair
 from .engine import read_logits
 from .hooks import neurons_by_layer, scale_neurons
 from .targets import Query, Target, pad_batch, prepare, prompt_ids, read_position
@@ -65,7 +65,7 @@ class Score:
         return sum(a == t for a, t in zip(self.argmax, self.target_ids)) / len(self.target_ids)
 
 
-def _check_batch_size(batch_size):
+def check_batch_size(batch_size):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
@@ -88,7 +88,7 @@ def _batch_logits(lm, ids, mask, rows, positions) -> torch.Tensor:
 
 def logits_at(lm, sequences, positions, *, batch_size: int = 32) -> torch.Tensor:
     """Logits [n, vocab] of each sequence at its read position (batched, right padded, no grad)."""
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     out = []
     with torch.no_grad():
         for start in range(0, len(sequences), batch_size):
@@ -107,7 +107,7 @@ def read_queries(lm, queries: Sequence[Query], *, neurons=None, factor: float = 
 
     ``neurons`` / ``factor`` / ``scale_at``: see the module docstring.
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     mode = _scaling(lm, neurons, factor, scale_at)
     per_read = mode == "read"
     # forward input -> {read position: [query index]}
@@ -161,10 +161,7 @@ def _as_targets(lm, items) -> list[Target]:
         if isinstance(item, Target):
             out.append(item)
             continue
-        try:
-            prompt, target = item
-        except (TypeError, ValueError):
-            raise ValueError(f"a pair is (prompt, target), got {item!r}") from None
+        prompt, target = as_pair(item, "an item", "prompt", "target")
         out.append(prepare(lm, prompt, target))
     return out
 
@@ -214,80 +211,5 @@ def target_probability(lm, prompt: str, target) -> float:
     return float(target_log_probs(lm, prompt, target).sum().exp())
 
 
-# --------------------------------------------------------------------------------------------------
-# BLiMP: P(good) > P(bad) at the read position (Fig 6b)
-# --------------------------------------------------------------------------------------------------
-def pair_scores(lm, pairs: pd.DataFrame, *, batch_size: int = 32, neurons=None, factor: float = 0.0,
-                progress: bool = False) -> pd.DataFrame:
-    """``pairs`` with ``logp_good``, ``logp_bad`` (teacher-forced sums over target tokens) and ``correct``.
-
-    With ``neurons`` [(layer, neuron)], their activations are multiplied by ``factor`` (0 = Dai et
-    al.'s suppression, 2 = enhancement) at the positions where the targets are read, and only there.
-    """
-    missing = {"prompt", "good", "bad"} - set(pairs.columns)
-    if missing:
-        raise ValueError(f"pairs needs the columns prompt, good, bad; missing {sorted(missing)}")
-    if len(pairs) == 0:
-        raise ValueError("pairs is empty")
-    _check_batch_size(batch_size)
-    items = [(p, t) for p, g, b in zip(pairs["prompt"], pairs["good"], pairs["bad"]) for t in (g, b)]
-    scores = score_targets(lm, items, neurons=neurons, factor=factor, batch_size=batch_size,
-                           progress=progress)
-    out = pairs.copy()
-    out["logp_good"] = [s.logp for s in scores[0::2]]
-    out["logp_bad"] = [s.logp for s in scores[1::2]]
-    out["correct"] = out["logp_good"] > out["logp_bad"]
-    return out
-
-
-def blimp_accuracy(lm, pairs: pd.DataFrame, **kwargs) -> float:
-    """Fraction of pairs with P(good) > P(bad) at the read position (the paper's Fig 6b measure).
-
-    Multi-token targets compare the teacher-forced products.  ``kwargs`` go to :func:`pair_scores`
-    (``neurons=``, ``factor=`` to measure under a suppression, ``batch_size=``).
-    """
-    return float(pair_scores(lm, pairs, **kwargs)["correct"].mean())
-
-
-def trace_items(lm, uid: str, corrupt: str, n: int, data_dir=None, *, pool: int = 100,
-                source: str = "auto") -> pd.DataFrame:
-    """BLiMP agreement prompts to trace: ``prompt``, ``subject`` (the word to corrupt), ``target``
-    (the good form).
-
-    ``corrupt``: "determiner" (determiner–noun agreement) or "subject" (subject–verb agreement).
-    Of the first ``pool`` usable pairs whose corrupted word occurs once in the prompt, as a whole word
-    (so its token span is unambiguous), the ``n`` whose good form the model finds likeliest: a trace
-    measures how much of the clean probability the noise removes, and a small model gives most
-    specific nouns and verbs next to none.  Also ``p_target`` (teacher-forced, whole form), ``group``.
-    """
-    import re
-
-    from .data.blimp import minimal_pairs
-
-    if corrupt not in ("determiner", "subject"):
-        raise ValueError(f"corrupt must be 'determiner' or 'subject', got {corrupt!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    pairs = minimal_pairs(lm, uid, data_dir=data_dir, n=max(pool, n), source=source)
-    keep = []
-    for i, (prompt, word) in enumerate(zip(pairs["prompt"], pairs[corrupt])):
-        if not word:
-            continue
-        found = [m.start() for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", prompt)]
-        if len(found) == 1 and prompt.find(word) == found[0]:
-            keep.append(i)
-    if not keep:
-        raise ValueError(f"{pairs.attrs['uid']}: no pair of the first {len(pairs)} has a {corrupt} "
-                         f"occurring once in its prompt")
-    scored = pair_scores(lm, pairs.iloc[keep].reset_index(drop=True))
-    scored = scored.sort_values("logp_good", ascending=False, kind="stable").head(n)
-    out = pd.DataFrame({"prompt": scored["prompt"], "subject": scored[corrupt],
-                        "target": scored["good_token"], "p_target": scored["logp_good"].map(math.exp),
-                        "group": scored["group"]}).reset_index(drop=True)
-    out.attrs.update(uid=pairs.attrs["uid"], data_source=pairs.attrs["data_source"], corrupted=corrupt,
-                     pool=len(keep))
-    return out
-
-
-__all__ = ["SCALE_AT", "Score", "blimp_accuracy", "logits_at", "pair_scores", "predict", "read_queries",
-           "score_targets", "target_log_probs", "target_probability", "trace_items"]
+__all__ = ["SCALE_AT", "Score", "logits_at", "predict", "read_queries", "score_targets", "target_log_probs",
+           "target_probability"]

@@ -6,7 +6,7 @@ and ``Path("")`` is the current folder, so an empty value taken at face value po
 meant.  The same holds for a setting passed on as an argument (``data_dir=""``): see :func:`given`.
 
 Variables the package reads: ``KN_DATA_DIR``, ``KN_SHARED_DATA`` (kn_utils.data), ``KN_UTILS_CACHE``
-and ``HF_HUB_OFFLINE`` (kn_utils.models), ``KN_BENCH_TOKENIZER`` (benchmarks),
+(kn_utils.cache), ``HF_HUB_OFFLINE`` (kn_utils.models), ``KN_BENCH_TOKENIZER`` (benchmarks),
 ``KN_FIGURES_DIR`` (kn_utils.plotting); the notebooks read ``KN_MODEL``, ``KN_DEVICE`` and their sizes.
 """
 from __future__ import annotations

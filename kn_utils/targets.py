@@ -15,6 +15,8 @@
 """
 from __future__ import annotations
 
+import unicodedata
+
 from dataclasses import dataclass
 
 import torch
@@ -213,7 +215,8 @@ def pad_batch(lm, sequences, *, left: bool = False) -> tuple[torch.Tensor, torch
 
 def subject_span(lm, prompt: str, subject: str, *, start: int | None = None
                  ) -> tuple[list[int], tuple[int, int]]:
-    """(prompt token ids, [start, end) token span of ``subject``'s first occurrence in the prompt).
+    """(prompt token ids, [start, end) token span of ``subject``'s first whole-word occurrence in the
+    prompt, see :func:`find_subject`).
 
     The span comes from character offsets, so a token that carries the subject's leading space
     (" Eiffel") belongs to the subject.  ``start``: look for the subject from this character on
@@ -224,15 +227,45 @@ def subject_span(lm, prompt: str, subject: str, *, start: int | None = None
     if not isinstance(subject, str) or not subject.strip():
         raise ValueError(f"empty subject: give the subject string, got {subject!r}")
     subject = subject.strip()
-    begin = prompt.find(subject, start or 0)
-    if begin < 0:
-        raise ValueError(f"subject {subject!r} not found in prompt {prompt!r}")
+    begin = find_subject(prompt, subject, start or 0)
     end = begin + len(subject)
     ids, offsets = _offsets(lm, prompt)
     inside = [i for i, (a, b) in enumerate(offsets) if b > a and b > begin and a < end]
     if not inside:
         raise ValueError(f"subject {subject!r} covers no token of {prompt!r}")
     return ids, (inside[0], inside[-1] + 1)
+
+
+def _wordlike(char: str) -> bool:
+    # letters of scripts written without spaces (CJK, Thai, ...) do not join words
+    if not (char.isalnum() or char == "_"):
+        return False
+    return not ("\u0e00" <= char <= "\u0eff" or "\u1000" <= char <= "\u109f" or "\u1780" <= char <= "\u17ff"
+                or unicodedata.east_asian_width(char) in ("W", "F"))
+
+
+def find_subject(prompt: str, subject: str, start: int = 0) -> int:
+    """Where ``subject`` first occurs in ``prompt`` (from character ``start``) as a whole word: not
+    preceded or followed by a letter or digit it would join ("Iran" in "Iran's", not in "Iranian").
+    ValueError when it does not occur, or occurs only inside longer words (which one is named)."""
+    pos = first = prompt.find(subject, start)
+    while pos >= 0:
+        end = pos + len(subject)
+        joins_left = pos > 0 and _wordlike(prompt[pos - 1]) and _wordlike(subject[0])
+        joins_right = end < len(prompt) and _wordlike(prompt[end]) and _wordlike(subject[-1])
+        if not joins_left and not joins_right:
+            return pos
+        pos = prompt.find(subject, pos + 1)
+    if first < 0:
+        raise ValueError(f"subject {subject!r} not found in prompt {prompt!r}")
+    left = first
+    while left > 0 and _wordlike(prompt[left - 1]):
+        left -= 1
+    right = first + len(subject)
+    while right < len(prompt) and _wordlike(prompt[right]):
+        right += 1
+    raise ValueError(f"subject {subject!r} occurs in prompt {prompt!r} only inside a longer word "
+                     f"({prompt[left:right]!r}): give the whole word as the subject")
 
 
 def _offsets(lm, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -255,12 +288,3 @@ def _offsets(lm, text: str) -> tuple[list[int], list[tuple[int, int]]]:
             offsets.append((found, found + len(piece)))
             pos = found + len(piece)
     return ids, offsets
-
-
-def __getattr__(name):
-    # logits_at / predict / target_log_probs / target_probability moved to kn_utils.scoring (which imports
-    # this module); the old import path keeps working.
-    if name in ("logits_at", "predict", "target_log_probs", "target_probability"):
-        from . import scoring
-        return getattr(scoring, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

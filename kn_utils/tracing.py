@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checks import as_index, as_indices
+from .checks import as_index, as_indices, as_pair
 from .targets import prepare, read_position, subject_span  # subject_span: re-exported
 from .tracer import (Fact, Tracer, _noise_factor, _resolve_noise, draw_noise, layer_window,  # noqa: F401
                      noise_level, score)
@@ -191,10 +191,7 @@ def restored_score(lm, prompt: str, subject: str, states, *, kind: str = "hidden
     _validate(lm, kind, samples, 1, None)
     pairs = []
     for state in states:
-        try:
-            t, layer = state
-        except (TypeError, ValueError):
-            raise ValueError(f"a state is a (token, layer) pair, got {state!r}") from None
+        t, layer = as_pair(state, "a state", "token", "layer")
         pairs.append((as_index(t, "token"), lm.arch.check_layer(layer)))
     tracer = Tracer(Fact(lm, prompt, subject, samples=samples, noise=noise, target=target, sites=[kind],
                          prefix_cache=prefix_cache, batch_size=None), kind)
@@ -338,7 +335,8 @@ def filter_known(lm, items, n: int | None = None, *, batch_size: int = 32):
     the model's top-1 prediction (ROME traces only facts the model knows); the first ``n`` of them."""
     import pandas as pd
 
-    from .targets import logits_at, prompt_ids
+    from .scoring import logits_at
+    from .targets import prompt_ids
 
     if not isinstance(items, pd.DataFrame):
         items = pd.DataFrame(_items(items), columns=["prompt", "subject", "target"])

@@ -8,7 +8,8 @@ from kn_utils.attribution import (attribution_maps, coarse_neurons, ig_alphas, i
                                   integrated_gradients, r2_similarity)
 from kn_utils.hooks import hook_count, modify, record, scale_activation
 from kn_utils.reference import reference_ig
-from kn_utils.targets import prepare, target_probability
+from kn_utils.scoring import target_probability
+from kn_utils.targets import prepare
 
 MASKED_PROMPT = "The capital of [MASK] is paris ."
 CAUSAL_PROMPT = "The capital of France is"

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import kn_utils as ku
+from kn_utils import blimp_tasks
 from kn_utils.data import BuiltinDataWarning, blimp
 from kn_utils.hooks import hook_count
-from kn_utils.targets import prepare, target_log_probs
+from kn_utils.scoring import target_log_probs
+from kn_utils.targets import prepare
 
 
 def _rows(data_dir, uid, n):
@@ -235,10 +237,10 @@ def _slow_scores(lm, df, neurons=None, factor=0.0):
 @torch.no_grad()
 def test_accuracy_matches_slow_reference_default_model(default_lm, data_dir):
     df = blimp.minimal_pairs(default_lm, "dna_1", data_dir=data_dir, n=8)  # row 1 is two tokens
-    scored = blimp.pair_scores(default_lm, df, batch_size=3)
+    scored = blimp_tasks.pair_scores(default_lm, df, batch_size=3)
     slow = _slow_scores(default_lm, df)
     assert torch.allclose(torch.tensor(scored[["logp_good", "logp_bad"]].to_numpy()), slow, atol=2e-4)
-    assert blimp.accuracy(default_lm, df) == pytest.approx(float((slow[:, 0] > slow[:, 1]).double().mean()))
+    assert blimp_tasks.blimp_accuracy(default_lm, df) == pytest.approx(float((slow[:, 0] > slow[:, 1]).double().mean()))
     # and the library's own per-target function agrees on a multi-token target
     assert scored.logp_good[1] == pytest.approx(float(target_log_probs(default_lm, df.prompt[1],
                                                                        df.good[1]).sum()), abs=2e-4)
@@ -253,10 +255,10 @@ def test_accuracy_with_intervention_matches_slow_reference(tiny, data_dir, famil
         assert (df.n_good_tokens > 1).any() or (df.n_bad_tokens > 1).any()
     neurons = [(0, 3), (2, 5), (2, 17)]
     for factor in (0.0, 2.0):
-        scored = blimp.pair_scores(lm, df, batch_size=5, neurons=neurons, factor=factor)
+        scored = blimp_tasks.pair_scores(lm, df, batch_size=5, neurons=neurons, factor=factor)
         slow = _slow_scores(lm, df, neurons, factor)
         assert torch.allclose(torch.tensor(scored[["logp_good", "logp_bad"]].to_numpy()), slow, atol=5e-4)
-    plain = blimp.pair_scores(lm, df)
+    plain = blimp_tasks.pair_scores(lm, df)
     assert not torch.allclose(torch.tensor(plain["logp_good"].to_numpy()),
                               torch.tensor(scored["logp_good"].to_numpy()))  # the hook did act
     assert torch.allclose(torch.tensor(plain[["logp_good", "logp_bad"]].to_numpy()), _slow_scores(lm, df),
@@ -268,32 +270,32 @@ def test_accuracy_bad_input_leaves_no_hooks(tiny, data_dir):
     lm = tiny("llama")
     df = blimp.minimal_pairs(lm, "dna_1", data_dir=data_dir, n=3)
     with pytest.raises(ValueError):
-        blimp.accuracy(lm, df, neurons=[(0, 3), (99, 0)])
+        blimp_tasks.blimp_accuracy(lm, df, neurons=[(0, 3), (99, 0)])
     with pytest.raises(ValueError, match="columns"):
-        blimp.accuracy(lm, df.drop(columns="bad"))
+        blimp_tasks.blimp_accuracy(lm, df.drop(columns="bad"))
     with pytest.raises(ValueError, match="empty"):
-        blimp.accuracy(lm, df.iloc[:0])
+        blimp_tasks.blimp_accuracy(lm, df.iloc[:0])
     assert hook_count(lm.model) == 0
 
 
 def test_trace_items_rank_by_the_good_forms_probability(default_lm, data_dir):
     lm = default_lm
-    items = blimp.trace_items(lm, "dna_adj_1", "determiner", 3, data_dir, pool=20)
+    items = blimp_tasks.trace_items(lm, "dna_adj_1", "determiner", 3, data_dir, pool=20)
     assert list(items.columns) == ["prompt", "subject", "target", "p_target", "group"]
     assert len(items) == 3 and items["p_target"].is_monotonic_decreasing
     for row in items.itertuples():
         assert row.prompt.count(row.subject) == 1  # one unambiguous span to corrupt
         assert row.p_target == pytest.approx(ku.target_probability(lm, row.prompt, row.target), rel=1e-3)
     # the best of the pool: no other usable pair of the first 20 has a likelier good form
-    pairs = blimp.pair_scores(lm, blimp.minimal_pairs(lm, "dna_adj_1", data_dir=data_dir, n=20))
+    pairs = blimp_tasks.pair_scores(lm, blimp.minimal_pairs(lm, "dna_adj_1", data_dir=data_dir, n=20))
     def once(prompt, word):
         found = [m.start() for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", prompt)]
         return len(found) == 1 and prompt.find(word) == found[0]
     usable = pairs[[bool(d) and once(p, d) for p, d in zip(pairs["prompt"], pairs["determiner"])]]
     assert items["p_target"].iloc[0] == pytest.approx(float(np.exp(usable["logp_good"].max())), rel=1e-3)
-    sva = blimp.trace_items(lm, "regular_plural_subject_verb_agreement_1", "subject", 2, data_dir, pool=10)
+    sva = blimp_tasks.trace_items(lm, "regular_plural_subject_verb_agreement_1", "subject", 2, data_dir, pool=10)
     assert all(s in p for s, p in zip(sva["subject"], sva["prompt"]))
     with pytest.raises(ValueError, match="corrupt"):
-        blimp.trace_items(lm, "dna_adj_1", "verb", 2, data_dir)
+        blimp_tasks.trace_items(lm, "dna_adj_1", "verb", 2, data_dir)
     with pytest.raises(ValueError, match="positive"):
-        blimp.trace_items(lm, "dna_adj_1", "determiner", 0, data_dir)
+        blimp_tasks.trace_items(lm, "dna_adj_1", "determiner", 0, data_dir)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import kn_utils as ku
-from kn_utils import models
+from kn_utils import cache, models
 from kn_utils.editing import rome
 from kn_utils.editing.rome import context_templates, layer_stats, model_key, stats_path
 
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def tmp_cache(tmp_path, monkeypatch):
     tiny_models.default_tokenizer_dir()   # resolved in the real cache before the cache moves
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     rome.stats._STATS_IN_MEMORY.clear()
     rome.templates._TEMPLATE_CACHE.clear()
     yield tmp_path / "cache"
@@ -69,7 +69,7 @@ class Builder:
 
 def _load(target, build):
     return models.load_converted(
-        lambda inode: models.cached_folder(target, build, damaged_inode=inode), torch.float32, {})
+        lambda inode: cache.cached_folder(target, build, damaged_inode=inode), torch.float32, {})
 
 
 def _assert_is_seed0_llama(model):
@@ -86,7 +86,7 @@ def _tmp_folders(parent):
 _CHILD = r"""
 import sys, time, json
 from pathlib import Path
-from kn_utils import models
+from kn_utils import cache, models
 target, log, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 def build(folder):
     with open(log, "a") as f:
@@ -96,7 +96,7 @@ def build(folder):
     (folder / "weights.bin").write_bytes(b"x" * 1000)
 while not go.exists():
     time.sleep(0.01)
-print(models.cached_folder(target, build))
+print(cache.cached_folder(target, build))
 """
 
 
@@ -113,14 +113,14 @@ def test_two_processes_loading_at_once_build_one_folder(tmp_path):
         assert p.returncode == 0, err[-3000:]      # before: OSError [Errno 39] Directory not empty
         assert out.strip() == str(target)
     assert log.read_text() == "build\n"            # the second waited and found the first's folder
-    assert models.check_model_folder(target) is None and (target / "weights.bin").stat().st_size == 1000
+    assert cache.check_model_folder(target) is None and (target / "weights.bin").stat().st_size == 1000
     assert _tmp_folders(target.parent) == []
 
 
 def test_without_a_lock_the_rename_race_keeps_the_winner(tmp_path, monkeypatch):
     # Where flock does nothing (some network file systems) both writers build; the loser's rename
     # meets a non-empty folder and must drop its own copy instead of failing.
-    monkeypatch.setattr(models, "_locked", lambda target: contextlib.nullcontext())
+    monkeypatch.setattr(cache, "_locked", lambda target: contextlib.nullcontext())
     target = tmp_path / "models" / "m"
     both_building = threading.Barrier(2, timeout=60)
     calls, results, errors = [], [], []
@@ -132,7 +132,7 @@ def test_without_a_lock_the_rename_race_keeps_the_winner(tmp_path, monkeypatch):
 
     def run():
         try:
-            results.append(models.cached_folder(target, build))
+            results.append(cache.cached_folder(target, build))
         except Exception as err:   # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -142,19 +142,19 @@ def test_without_a_lock_the_rename_race_keeps_the_winner(tmp_path, monkeypatch):
     for t in threads:
         t.join(120)
     assert errors == [] and results == [target, target] and len(calls) == 2
-    assert models.check_model_folder(target) is None
+    assert cache.check_model_folder(target) is None
     assert _tmp_folders(target.parent) == []
 
 
 _KILLED = r"""
 import sys, time
 from pathlib import Path
-from kn_utils import models
+from kn_utils import cache, models
 def build(folder):
     (folder / "model.safetensors").write_bytes(b"half written")
     print(folder, flush=True)
     time.sleep(600)
-models.cached_folder(Path(sys.argv[1]), build)
+cache.cached_folder(Path(sys.argv[1]), build)
 """
 
 
@@ -174,7 +174,7 @@ def test_a_killed_conversion_leaves_nothing_behind_a_live_one_is_untouched(tmp_p
     live.mkdir()
     legacy_old, legacy_new = target.parent / ".tmp-abc_old", target.parent / ".tmp-abc_new"
     legacy_old.mkdir(), legacy_new.mkdir()
-    os.utime(legacy_old, (time.time() - 2 * models._LEGACY_TMP_AGE_S,) * 2)
+    os.utime(legacy_old, (time.time() - 2 * cache._LEGACY_TMP_AGE_S,) * 2)
     assert half.exists()
 
     build = Builder()
@@ -217,7 +217,7 @@ DAMAGE = {
     "garbage tokenizer.json": _garbage("tokenizer.json"),
     "flipped bytes, mtime kept": _nan_bytes,
     "flipped bytes": lambda folder: _nan_bytes(folder, keep_mtime=False),
-    "garbage manifest": _garbage(models.MANIFEST),
+    "garbage manifest": _garbage(cache.MANIFEST),
 }
 
 
@@ -231,14 +231,14 @@ def test_damaged_cached_model_is_rebuilt_with_a_warning(tmp_path, damage, legacy
     build = Builder()
     _load(target, build)
     if legacy:   # a cache written by an older kn_utils
-        (target / models.MANIFEST).unlink()
+        (target / cache.MANIFEST).unlink()
     DAMAGE[damage](target)
     with pytest.warns(UserWarning, match=re.escape(str(target))):
         model, tok, folder = _load(target, build)
     assert build.calls == 2 and folder == target
     _assert_is_seed0_llama(model)
     assert tok("Paris")["input_ids"]
-    assert models.check_model_folder(target) is None and _tmp_folders(target.parent) == []
+    assert cache.check_model_folder(target) is None and _tmp_folders(target.parent) == []
     # repaired for good: the next load neither warns nor rebuilds
     import warnings
     with warnings.catch_warnings():
@@ -254,7 +254,7 @@ def test_intact_cache_is_not_rebuilt_and_a_copy_is_trusted(tmp_path):
     os.utime(target / "model.safetensors")      # touched (copied, backed up): content still intact
     _load(target, build)
     assert build.calls == 1
-    manifest = json.loads((target / models.MANIFEST).read_text())["files"]
+    manifest = json.loads((target / cache.MANIFEST).read_text())["files"]
     assert manifest["model.safetensors"]["mtime_ns"] == (target / "model.safetensors").stat().st_mtime_ns
 
 
@@ -262,13 +262,13 @@ def test_a_cache_that_stays_damaged_says_which_folder_to_delete(tmp_path):
     target = tmp_path / "models" / "m"
     # files as written (manifest digests match) but NaN weights: rebuilding cannot help
     build = Builder(nan=True)
-    with pytest.raises(models.DamagedCache, match=re.escape(str(target)) + ".*NaN.*delete"):
+    with pytest.raises(cache.DamagedCache, match=re.escape(str(target)) + ".*NaN.*delete"):
         _load(target, build)
     assert build.calls == 1
     # without a manifest (an older cache) it is rebuilt once, then the error names the folder
-    (target / models.MANIFEST).unlink()
+    (target / cache.MANIFEST).unlink()
     with pytest.warns(UserWarning, match=re.escape(str(target))):
-        with pytest.raises(models.DamagedCache, match=re.escape(str(target)) + ".*delete"):
+        with pytest.raises(cache.DamagedCache, match=re.escape(str(target)) + ".*delete"):
             _load(target, build)
     assert build.calls == 2
 
@@ -278,10 +278,10 @@ def test_a_load_error_that_is_not_the_caches_fault_is_not_a_rebuild(tmp_path):
     build = Builder()
     _load(target, build)
     with pytest.raises(Exception) as info:
-        models.load_converted(lambda inode: models.cached_folder(target, build, damaged_inode=inode),
+        models.load_converted(lambda inode: cache.cached_folder(target, build, damaged_inode=inode),
                               torch.float32, {"device_map": "no-such-device"})
-    assert not isinstance(info.value, models.DamagedCache)
-    assert build.calls == 1 and models.check_model_folder(target) is None
+    assert not isinstance(info.value, cache.DamagedCache)
+    assert build.calls == 1 and cache.check_model_folder(target) is None
 
 
 @pytest.mark.parametrize("damage", ["truncated weights", "garbage config.json", "flipped bytes"])
@@ -431,3 +431,187 @@ def test_damaged_context_templates_are_generated_again(tiny, tmp_cache, content)
     with pytest.warns(UserWarning, match=re.escape(str(path))):
         again = context_templates(lm, [[3, 2]], seed=0)
     assert again == first and json.loads(path.read_text()) == first
+
+
+# ----------------------------------------------------------------------------- caches keyed by the weights
+ERASED = [(layer, i) for layer in range(3) for i in range(0, 64, 2)]   # half the neurons of every layer
+
+
+def _clean_templates(lm, params, seed=0):
+    """What the unedited, unhooked model generates (no cache involved)."""
+    return ["{}"] + rome.templates._generate(lm, tuple(tuple(p) for p in params), seed)
+
+
+def test_templates_generated_under_an_edit_or_a_hook_never_reach_the_clean_model(tiny, tmp_cache):
+    lm = tiny("llama")
+    clean = _clean_templates(lm, [[5, 3]])
+    with ku.kn_erase(lm, ERASED):
+        erased = context_templates(lm, [[5, 3]])
+    assert erased != clean                      # the edit changes what the model generates ...
+    assert context_templates(lm, [[5, 3]]) == clean   # before: the erased model's templates
+    with pytest.warns(UserWarning, match="forward hook"), ku.suppress(lm, ERASED):
+        hooked = context_templates(lm, [[5, 3]])
+    assert hooked != clean
+    files = sorted(p.name for p in (tmp_cache / "context_templates").iterdir())
+    assert len(files) == 2                      # clean and erased; nothing written under the hook
+    rome.templates._TEMPLATE_CACHE.clear()      # a new process reads the disk copies
+    assert context_templates(lm, [[5, 3]]) == clean
+    with ku.kn_erase(lm, ERASED):
+        assert context_templates(lm, [[5, 3]]) == erased
+
+
+def test_statistics_under_an_edit_or_a_hook_never_reach_the_clean_model(tiny, tmp_cache, data_dir,
+                                                                         stats_passes):
+    lm = tiny("llama")
+    clean = layer_stats(lm, 2, "wikitext", 150, data_dir=data_dir, progress=False)
+    rome.stats._STATS_IN_MEMORY.clear()
+    clean_path = stats_path(lm, 2, "wikitext", 150)
+    with ku.kn_erase(lm, [(0, i) for i in range(0, 64, 2)]):
+        assert stats_path(lm, 2, "wikitext", 150) != clean_path      # layer 0 feeds layer 2's keys
+        erased = layer_stats(lm, 2, "wikitext", 150, data_dir=data_dir, progress=False)
+    assert not torch.equal(erased, clean)
+    with ku.kn_erase(lm, [(2, i) for i in range(0, 64, 2)]):
+        # layer 2's own value slots (what ROME edits) come after its keys: same entry, no new pass
+        assert stats_path(lm, 2, "wikitext", 150) == clean_path
+        start = len(stats_passes)
+        assert torch.equal(layer_stats(lm, 2, "wikitext", 150, data_dir=data_dir, progress=False), clean)
+        assert len(stats_passes) == start
+    with pytest.warns(UserWarning, match="forward hook"), ku.suppress(lm, [(1, i) for i in range(32)]):
+        hooked = layer_stats(lm, 2, "wikitext", 150, data_dir=data_dir, progress=False)
+    assert not torch.equal(hooked, clean)
+    rome.stats._STATS_IN_MEMORY.clear()
+    # before: the statistics computed inside `with ku.suppress(...)` replaced the clean ones
+    assert torch.equal(layer_stats(lm, 2, "wikitext", 150, data_dir=data_dir, progress=False), clean)
+    assert torch.load(clean_path, weights_only=True)["key"] == rome.stats.stats_key(lm, 2)
+
+
+def test_a_statistics_file_of_another_model_is_recomputed(tiny, tmp_cache, data_dir, stats_passes):
+    a, b = tiny("llama"), tiny("llama", seed=1)   # same shapes, other weights
+    layer_stats(a, 1, "wikitext", 120, data_dir=data_dir, progress=False)
+    target = stats_path(b, 1, "wikitext", 120)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(stats_path(a, 1, "wikitext", 120), target)
+    start = len(stats_passes)
+    with pytest.warns(UserWarning, match="another model or other weights"):
+        got = layer_stats(b, 1, "wikitext", 120, data_dir=data_dir, progress=False)
+    assert len(stats_passes) == start + 1
+    assert torch.equal(got, layer_stats(b, 1, "wikitext", 120, data_dir=data_dir, progress=False,
+                                        recompute=True))
+
+
+def test_weights_digest_sees_one_value_slot_and_every_row(tiny):
+    lm = tiny("gpt2")                            # Conv1D: value slots are rows, not columns
+    before = rome.stats.weights_digest(lm.model.parameters())
+    for neurons in ([(1, 63)], [(0, 0)]):
+        with ku.kn_erase(lm, neurons):
+            assert rome.stats.weights_digest(lm.model.parameters()) != before
+    assert rome.stats.weights_digest(lm.model.parameters()) == before
+
+
+# ----------------------------------------------------------------------------- read-only caches
+def _read_only(monkeypatch, root: Path):
+    """Make ``root`` unwritable: permissions for a user; for root (whom permissions do not stop),
+    every write, folder creation or rename under it fails with EROFS, as on a read-only mount."""
+    import builtins
+    import errno
+    import io
+
+    root = Path(root)
+    if os.geteuid() != 0:
+        for folder in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
+            folder.chmod(0o555)
+        return
+
+    def refuse(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    def inside(path):
+        return str(Path(path).absolute()).startswith(str(root.absolute()))
+
+    real_open, real_mkdir, real_replace = builtins.open, Path.mkdir, Path.replace
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and set(mode) & set("wax+") and inside(file):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_mkdir(self, *args, **kwargs):
+        if inside(self) and not self.is_dir():
+            refuse(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    def guarded_replace(self, target):
+        if inside(target):
+            refuse(target)
+        return real_replace(self, target)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(io, "open", guarded_open)
+    monkeypatch.setattr(Path, "mkdir", guarded_mkdir)
+    monkeypatch.setattr(Path, "replace", guarded_replace)
+
+
+HP = dict(layer=1, v_num_grad_steps=2, context_template_length_params=[[3, 2]], mom2_adjustment=True,
+          mom2_n_samples=100, mom2_dataset="wikitext")
+
+
+def test_a_read_only_cache_that_holds_the_statistics_and_templates_serves_them(
+        tiny, tmp_cache, data_dir, monkeypatch, stats_passes, recwarn):
+    lm = tiny("llama")
+    hp = rome.ROMEHyperParams(**HP)
+    with ku.rome_edit(lm, "The capital of France is", "France", "Rome", hp, data_dir=data_dir) as first:
+        pass
+    rome.stats._STATS_IN_MEMORY.clear()
+    rome.templates._TEMPLATE_CACHE.clear()
+    _read_only(monkeypatch, tmp_cache)
+    start = len(stats_passes)
+    recwarn.clear()
+    with ku.rome_edit(lm, "The capital of France is", "France", "Rome", hp, data_dir=data_dir) as again:
+        assert torch.equal(again.update_matrix(), first.update_matrix())
+    assert len(stats_passes) == start
+    assert not [w for w in recwarn if "kn_utils" in str(w.message)]
+
+
+def test_an_empty_read_only_cache_keeps_rome_usable_with_a_warning(tiny, tmp_cache, data_dir,
+                                                                    monkeypatch, stats_passes):
+    lm = tiny("llama")
+    tmp_cache.mkdir(parents=True)
+    _read_only(monkeypatch, tmp_cache)
+    hp = rome.ROMEHyperParams(**HP)
+    with pytest.warns(UserWarning) as caught:
+        # before: OSError [Errno 30] (or 13) from writing the templates file; ROME unusable
+        edit = ku.rome_edit(lm, "The capital of France is", "France", "Rome", hp, data_dir=data_dir)
+    edit.restore()
+    texts = [str(w.message) for w in caught]
+    for what in ("context templates", "covariance statistics"):
+        assert any(f"cannot write {what} under {tmp_cache}" in t and "in memory" in t for t in texts), texts
+    start = len(stats_passes)
+    ku.rome_edit(lm, "The capital of France is", "France", "Rome", hp, data_dir=data_dir).restore()
+    assert len(stats_passes) == start            # the second edit of the process reuses them
+    assert not any(tmp_cache.rglob("*.tmp"))
+
+
+def test_a_cache_below_a_read_only_folder_warns_naming_it(tiny, tmp_path, monkeypatch):
+    tiny_models.default_tokenizer_dir()
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    _read_only(monkeypatch, parent)
+    monkeypatch.setenv(cache.CACHE_ENV, str(parent / "cache"))
+    rome.templates._TEMPLATE_CACHE.clear()
+    lm = tiny("llama")
+    with pytest.warns(UserWarning, match=re.escape(str(parent / "cache"))):
+        templates = context_templates(lm, [[3, 2]])
+    assert templates == _clean_templates(lm, [[3, 2]])
+    rome.templates._TEMPLATE_CACHE.clear()
+
+
+def test_cache_files_follow_the_umask(tiny, tmp_cache, data_dir):
+    lm = tiny("llama")
+    old = os.umask(0o002)
+    try:
+        context_templates(lm, [[3, 1]])
+        layer_stats(lm, 0, "wikitext", 50, data_dir=data_dir, progress=False)
+    finally:
+        os.umask(old)
+    for path in [*tmp_cache.joinpath("context_templates").rglob("*"), *tmp_cache.joinpath("stats").rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (0o775 if path.is_dir() else 0o664), path

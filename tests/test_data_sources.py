@@ -2,6 +2,7 @@
 and the ``data_source`` every loaded set and result table carries."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -204,7 +205,8 @@ def test_blimp_tables_record_the_source(tiny, no_data):
     with pytest.warns(BuiltinDataWarning):
         rows = blimp.load_paradigm("sva_1")
     assert pairs.attrs["data_source"] == rows.source
-    assert blimp.pair_scores(tiny("llama"), pairs).attrs["data_source"] == rows.source
+    from kn_utils.blimp_tasks import pair_scores
+    assert pair_scores(tiny("llama"), pairs).attrs["data_source"] == rows.source
 
 
 # ---------------------------------------------------------------------------- Makefile and demo
@@ -293,3 +295,77 @@ def test_command_outputs_carry_the_source(tmp_path, no_data, monkeypatch):
     expected = f"builtin:pararel_mini.json ({BUILTIN_P36} items)"
     assert set(pd.read_csv(out / "edits_rome_P36.csv")["data_source"]) == {expected}
     assert set(pd.read_csv(out / "edits_rome_summary.csv")["data_source"]) == {expected}
+
+
+# ---------------------------------------------------------------------------- damaged or changed files
+def _bags_folder(tmp_path) -> Path:
+    folder = tmp_path / "data" / "pararel"
+    folder.mkdir(parents=True)
+    shutil.copy(pararel.BUILTIN_BAGS, folder / "data_all_allbags.json")
+    return tmp_path / "data"
+
+
+def test_a_truncated_bag_file_names_the_file(tmp_path):
+    data = _bags_folder(tmp_path)
+    path = data / "pararel" / "data_all_allbags.json"
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    # before: a bare JSONDecodeError ("Expecting ',' delimiter: line 1 column ...") without the file
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line ") + r"\d+: not valid JSON"):
+        pararel.load_bags("P36", data)
+
+
+def test_a_changed_bag_file_is_read_again(tmp_path):
+    data = _bags_folder(tmp_path)
+    path = data / "pararel" / "data_all_allbags.json"
+    first = pararel.load_bags("P36", data)
+    table = json.loads(path.read_text())
+    table["P36"] = table["P36"][:-1]
+    path.write_text(json.dumps(table))
+    again = pararel.load_bags("P36", data)         # before: the old contents (cached by path)
+    assert len(again) == len(first) - 1 and list(again) == list(first)[:-1]
+    assert again.source == f"{path} ({len(first) - 1} items)"
+
+
+@pytest.mark.parametrize("entry, message", [
+    (["The capital of X is [MASK] .", None, "P36(capital)"], "bag 1, entry 0: expected"),
+    (["The capital of X is .", "Y", "P36(capital)"], "bag 1, entry 0: the prompt must hold one [MASK]"),
+])
+def test_a_damaged_bag_names_relation_bag_and_entry(tmp_path, entry, message):
+    data = _bags_folder(tmp_path)
+    path = data / "pararel" / "data_all_allbags.json"
+    table = json.loads(path.read_text())
+    table["P36"][1][0] = entry
+    path.write_text(json.dumps(table))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: relation 'P36', {message}")):
+        pararel.load_bags("P36", data)
+
+
+BLIMP_UID = "regular_plural_subject_verb_agreement_1"
+
+
+@pytest.mark.parametrize("damage, field", [
+    (lambda r: r.pop("sentence_bad"), "field 'sentence_bad' is missing"),
+    (lambda r: r.update(sentence_good=None), "field 'sentence_good' is null"),
+    (lambda r: r.update(one_prefix_method=True, one_prefix_word_bad=""), "field 'one_prefix_word_bad' is empty"),
+])
+def test_a_blimp_row_without_its_sentences_names_file_and_line(tmp_path, damage, field):
+    rows = [dict(r) for r in blimp._builtin_table() if r["UID"] == BLIMP_UID][:4]
+    damage(rows[2])
+    folder = tmp_path / "blimp"
+    folder.mkdir()
+    path = folder / f"{BLIMP_UID}.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]))
+    # before: KeyError: 'sentence_bad' from deep in minimal_pairs, without file or line
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 4: BLiMP row unusable: {field}")):
+        blimp.load_paradigm(BLIMP_UID, tmp_path)
+
+
+def test_a_changed_corpus_is_read_again(tmp_path, data_dir):
+    folder = tmp_path / "wikitext" / "wikitext-2"
+    shutil.copytree(data_dir / "wikitext" / "wikitext-2", folder)
+    first = load_texts("wikitext", tmp_path)
+    [valid] = [p for p in folder.iterdir() if "valid" in p.name]
+    valid.write_text(" = Heading = \n\n A new first paragraph of the corpus . \n\n")
+    again = load_texts("wikitext", tmp_path)        # before: the old paragraphs (cached by folder)
+    assert again != first and any("A new first paragraph" in t for t in again)

@@ -103,12 +103,12 @@ def test_default_rows_follow_the_budget(tiny):
     assert not engine.use_prefix_cache(tiny("bert"), True)  # a masked LM has no prefix to reuse
 
 
-def test_old_names_still_resolve():
-    """Moved out of hooks / models; code importing them from there keeps working."""
-    from kn_utils.hooks import batch_widener, gather_logits, narrow_logits, read_logits
-    assert (batch_widener, narrow_logits, read_logits, gather_logits) == (
-        engine.batch_widener, engine.narrow_logits, engine.read_logits, engine.gather_logits)
-    assert models.cache_kwarg is engine.cache_kwarg and models.returned_cache is engine.returned_cache
+def test_moved_names_live_in_one_place():
+    """The batching mechanics live in engine only: no silent forward from hooks / models (it closed
+    an import circle hooks <-> engine)."""
+    for name in ("batch_widener", "gather_logits", "narrow_logits", "read_logits"):
+        assert callable(getattr(engine, name)) and not hasattr(hooks, name)
+    assert not hasattr(models, "cache_kwarg") and not hasattr(models, "returned_cache")
     with pytest.raises(AttributeError, match="no_such_name"):
         hooks.no_such_name  # noqa: B018
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kn_utils as ku
-from kn_utils import models, registry
+from kn_utils import cache, models, registry
 from kn_utils.editing.rome import ROMEHyperParams
 from kn_utils.hooks import hook_count, record
 from kn_utils.tracing import noise_level, subject_span
@@ -67,7 +67,7 @@ def test_second_load_reads_the_cache_not_the_gguf(gemma, monkeypatch):
     start = time.perf_counter()
     again = ku.load_model("gemma-3-270m", device="cpu")
     assert time.perf_counter() - start < 60
-    assert registry.gemma_gguf_path().parent == models.cache_dir() / "gguf"
+    assert registry.gemma_gguf_path().parent == cache.cache_dir() / "gguf"
     for a, b in zip(gemma.model.parameters(), again.model.parameters()):
         assert torch.equal(a, b)
 

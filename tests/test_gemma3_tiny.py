@@ -180,7 +180,7 @@ def test_logits_read_only_where_needed_equal_full_logits(tiny, family):
     """read_logits projects only the read (row, position) pairs onto the vocabulary (Gemma: 262k x
     640); the values equal the full logits there, softcapping (Gemma 2) included, and gradients
     flow through them."""
-    from kn_utils.hooks import read_logits
+    from kn_utils.engine import read_logits
     from kn_utils.targets import pad_batch
 
     lm = tiny(family)

@@ -1,8 +1,11 @@
 """Bad inputs get one clear, early error (issue 8, "Inputs"); good inputs of every accepted type work
 the same as plain ints.  Every error case also checks that no hook and no weight change is left."""
+import json
 import math
+import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -303,3 +306,105 @@ def test_kn_thresholds_and_nan_maps(tiny):
     inf_maps[0, 1, 1] = math.inf
     with pytest.raises(ValueError, match="infinite"):
         r2_similarity(inf_maps)
+
+
+# ------------------------------------------------------------------------------- whole-word subjects
+IRAN = "Iranian officials met Iran's president in"
+
+
+def test_subject_span_matches_the_whole_word_first(tiny):
+    lm = tiny("llama")
+    ids, (b, e) = ku.subject_span(lm, IRAN, "Iran")
+    # before: the "Iran" of "Iranian" (token 0 or 1), now the one of "Iran's"
+    text = lm.tokenizer.decode(ids[b:e]).strip()
+    assert text == "Iran" and b > 2, (b, e, text)
+    assert tg.find_subject(IRAN, "Iran") == IRAN.index("Iran's")
+    assert tg.find_subject("Paris, France", "Paris") == 0
+    assert tg.find_subject("the U.S. is", "U.S.") == 4          # punctuation ends a word too
+    assert tg.find_subject("首都は東京です", "東京") == 3             # scripts written without spaces
+
+
+@pytest.mark.parametrize("prompt", ["The Iranian officials met in", "Iranians met in"])
+def test_a_subject_only_inside_longer_words_is_an_error(tiny, prompt):
+    lm = tiny("llama")
+    with pytest.raises(ValueError, match="only inside a longer word .*'Iranian"):
+        ku.subject_span(lm, prompt, "Iran")
+
+
+def test_rome_edit_uses_the_whole_word_and_refuses_in_word_subjects(tiny, tmp_cache, monkeypatch):
+    from kn_utils.editing.rome import compute
+
+    lm = tiny("llama")
+    [row] = compute._rows(lm, "{}", IRAN, "Iran", None)
+    assert row.subject_index == ku.subject_span(lm, IRAN, "Iran")[1][1] - 1
+    snap = snapshot(lm)
+    # refused before the templates are generated or any statistics computed
+    monkeypatch.setattr(rome.templates, "_generate", lambda *a: pytest.fail("computed before the check"))
+    with pytest.raises(ValueError, match="only inside a longer word"):
+        rome_edit(lm, "The Iranian officials met in", "Iran", "Paris",
+                  ROMEHyperParams(layer=1, v_num_grad_steps=1, context_template_length_params=[[3, 1]]))
+    assert_clean(lm, snap)
+
+
+# ------------------------------------------------------------------------------- CounterFact records
+def _counterfact_folder(tmp_path, change):
+    record = {"case_id": 7, "prompt": "The mother tongue of Danielle Darrieux is", "target_new": "English",
+              "subject": "Danielle Darrieux", "ground_truth": "French",
+              "rephrase_prompt": "Danielle Darrieux speaks", "locality_prompt": "Michel Rocard speaks",
+              "locality_ground_truth": "French"}
+    good = dict(record, case_id=6)
+    change(record)
+    folder = tmp_path / "data" / "counterfact" / "easyedit-split"
+    folder.mkdir(parents=True)
+    (folder / "counterfact-edit.json").write_text(json.dumps([good, record]))
+    return tmp_path / "data"
+
+
+CF_DAMAGE = {
+    "no target_new": (lambda r: r.pop("target_new"), "field 'target_new' is missing"),
+    "null target_new": (lambda r: r.update(target_new=None), "field 'target_new' is null"),
+    "empty ground_truth": (lambda r: r.update(ground_truth="  "), "field 'ground_truth' is empty"),
+    "numeric subject": (lambda r: r.update(subject=3), "field 'subject' is int"),
+    "null prompt": (lambda r: r.update(prompt=None), "field 'prompt' is null"),
+    "subject not in prompt": (lambda r: r.update(subject="Rocard"), "not in its prompt"),
+}
+
+
+@pytest.mark.parametrize("damage", list(CF_DAMAGE))
+def test_counterfact_records_with_missing_fields_are_refused(tiny, tmp_path, damage):
+    from kn_utils.counterfact_eval import evaluate_counterfact
+    from kn_utils.data.counterfact import load_counterfact
+
+    change, message = CF_DAMAGE[damage]
+    data = _counterfact_folder(tmp_path, change)
+    path = data / "counterfact" / "easyedit-split" / "counterfact-edit.json"
+    # before: a record without target_new was edited towards "nan" and counted a success
+    with pytest.raises(ValueError, match=re.escape(f"{path}, record 1 (case_id 7): ") + ".*" + re.escape(message)):
+        load_counterfact(data)
+    assert len(load_counterfact(data, n=1)) == 1      # the records asked for are fine
+    records = pd.DataFrame(json.loads(path.read_text()))   # a table handed over directly
+    lm = tiny("llama")
+    calls = []
+    with pytest.raises(ValueError, match="record 1"):
+        evaluate_counterfact(lm, lambda lm, req: calls.append(req), n=None, records=records, progress=False)
+    assert calls == []                                  # refused before the first edit
+
+
+@pytest.mark.parametrize("n", [0, -2, 1.5, True, "3"])
+def test_counterfact_sizes(tiny, n):
+    from kn_utils.counterfact_eval import evaluate_counterfact
+
+    with pytest.raises(ValueError, match="positive integer"):   # before: 0 = all, -2 = all but two
+        evaluate_counterfact(tiny("llama"), lambda lm, req: None, n=n, records=pd.DataFrame())
+
+
+def test_known_facts_with_a_null_field_are_refused(tmp_path):
+    from kn_utils.data.counterfact import load_known_facts
+
+    folder = tmp_path / "counterfact"
+    folder.mkdir()
+    facts = [{"known_id": 0, "subject": "Paris", "attribute": "France", "prompt": "Paris is in"},
+             {"known_id": 1, "subject": "Rome", "attribute": None, "prompt": "Rome is in"}]
+    (folder / "known_1000.json").write_text(json.dumps(facts))
+    with pytest.raises(ValueError, match=r"known_1000.json, record 1: .*field 'attribute' is null"):
+        load_known_facts(tmp_path)      # before: target " None"

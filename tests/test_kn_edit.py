@@ -9,7 +9,8 @@ from kn_utils.attribution import integrated_gradients
 from kn_utils.editing.kn import (first_token_id, intervene, intervention_summary, kn_edit, kn_erase,
                                  measure_intervention)
 from kn_utils.hooks import enhance, hook_count, record, suppress
-from kn_utils.targets import prepare, prompt_ids, read_position, target_probability
+from kn_utils.scoring import target_probability
+from kn_utils.targets import prepare, prompt_ids, read_position
 
 CAUSAL = ["The capital of France is", "Paris is the capital city of the country"]
 MASKED = ["The capital of [MASK] is paris .", "[MASK] is the city ."]

@@ -7,6 +7,7 @@ import torch
 
 from kn_utils import localisation
 from kn_utils.attribution import find_knowledge_neurons
+from kn_utils.blimp_tasks import blimp_accuracy
 from kn_utils.data import blimp
 
 UID = "irregular_plural_subject_verb_agreement_1"
@@ -35,7 +36,7 @@ def test_localise_paradigm_returns_tables_that_match_a_direct_search(tiny, data_
             want = sum(float(m[a, b]) for a, b in direct.neurons)
             assert r.kn_score_sum == pytest.approx(want, rel=1e-5, abs=1e-6)
         info = loc.summary["groups"][group]
-        assert info["eval_pairs"] == 5 and info["accuracy_before"] == blimp.accuracy(lm, pairs.head(5))
+        assert info["eval_pairs"] == 5 and info["accuracy_before"] == blimp_accuracy(lm, pairs.head(5))
     assert loc.groups.attrs["data_source"] == loc.prompts.attrs["data_source"] == loc.summary["data_source"]
     # old tuple shape of the command's helper
     summary, groups, prompts, maps = loc
@@ -50,7 +51,7 @@ def test_given_pairs_and_tau_mode_pass_through(tiny, data_dir, monkeypatch):
     real = localisation.find_knowledge_neurons
     monkeypatch.setattr(localisation, "find_knowledge_neurons",
                         lambda *a, **k: seen.append(k["tau_mode"]) or real(*a, **k))
-    monkeypatch.setattr(blimp, "accuracy", lambda *a, **k: pytest.fail("accuracy=False"))
+    monkeypatch.setattr(localisation, "blimp_accuracy", lambda *a, **k: pytest.fail("accuracy=False"))
     loc = localisation.localise_paradigm(lm, UID, n=2, eval_n=2, steps=2, pairs=pairs,
                                          tau_mode="paper", accuracy=False, progress=False)
     assert seen == ["paper"] * len(loc.results) and loc.summary["tau_mode"] == "paper"

@@ -89,6 +89,7 @@ def test_localise_command(tmp_path, data_dir):
     import kn_utils as ku
     from kn_utils.attribution import find_knowledge_neurons
     from kn_utils.cli import main
+    from kn_utils.blimp_tasks import blimp_accuracy
     from kn_utils.data import blimp
 
     model_dir = tmp_path / "tiny-llama"
@@ -115,9 +116,9 @@ def test_localise_command(tmp_path, data_dir):
         assert [list(x) for x in direct.neurons] == info["neurons"]
         assert info["tau"] == direct.tau and info["r2"] == pytest.approx(direct.r2, abs=1e-6)
         ev = pairs.head(6)
-        assert info["accuracy_before"] == blimp.accuracy(lm, ev)
+        assert info["accuracy_before"] == blimp_accuracy(lm, ev)
         if info["neurons"]:
-            assert info["accuracy_after_suppression"] == blimp.accuracy(
+            assert info["accuracy_after_suppression"] == blimp_accuracy(
                 lm, ev, neurons=[tuple(x) for x in info["neurons"]])
     with pytest.raises(ValueError, match="--n"):
         main(args[:-2] + ["--out", str(out), "--n", "1"])

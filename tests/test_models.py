@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kn_utils as ku
-from kn_utils import models
+from kn_utils import cache, models
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_predict_probabilities_are_sorted_and_consistent(default_lm):
 
 @pytest.mark.slow
 def test_gguf_is_converted_once_then_loaded_from_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
     calls = []
     real = models.convert_gguf
 
@@ -41,7 +41,7 @@ def test_gguf_is_converted_once_then_loaded_from_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "convert_gguf", spy)
     first = ku.load_model("default", device="cpu")
-    cached = models._gguf_cache_path(models.default_gguf_path())
+    cached = cache._gguf_cache_path(models.default_gguf_path())
     assert cached.parent == tmp_path / "models" and (cached / "model.safetensors").exists()
     mtime = (cached / "model.safetensors").stat().st_mtime_ns
 
@@ -187,3 +187,132 @@ def test_max_memory_reaches_accelerate(tmp_path):
     # only does when it received max_memory; a later .to(device) would have failed on them
     lm = ku.load_model(folder, device_map="auto", max_memory={"cpu": "10KiB"})
     assert {p.device.type for p in lm.model.parameters()} == {"meta"}
+
+
+# ---------------------------------------------------------------------- a cache shared or read-only
+# (issue 18: converted folders were created drwx------; a read-only cache gave a raw Errno 30)
+class _StandIn:
+    """Writes a tiny LLaMA (seed 0) into the folder it is given; counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, folder):
+        from tiny_models import tiny_model
+
+        self.calls += 1
+        model, tok = tiny_model("llama")
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+
+
+def _load_cached(target, build):
+    return models.load_converted(lambda inode: cache.cached_folder(target, build, damaged_inode=inode),
+                                 torch.float32, {})
+
+
+@pytest.fixture
+def user_umask():
+    def set_to(mask):
+        os.umask(mask)
+    old = os.umask(0o022)
+    yield set_to
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_converted_folders_follow_the_umask(tmp_path, user_umask, mask):
+    user_umask(mask)
+    target = tmp_path / "models" / "m"
+    _load_cached(target, _StandIn())
+    assert target.stat().st_mode & 0o777 == 0o777 & ~mask      # was 0o700 (tempfile.mkdtemp)
+    for path in target.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path.name
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """``read_only(folder)``: from now on every write under ``folder`` fails as on a read-only file
+    system (EROFS). Simulated because the tests may run as root, whom permission bits do not stop."""
+    import builtins
+    import errno
+    import io
+    from pathlib import Path
+
+    roots = []
+
+    def inside(path):
+        try:
+            p = Path(os.fsdecode(path)).absolute()
+        except TypeError:
+            return False    # a file descriptor
+        return any(p == r or r in p.parents for r in roots)
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+    def guard(real, n_paths=1, writes=lambda *a, **k: True):
+        def wrapped(*args, **kwargs):
+            if any(inside(a) for a in args[:n_paths]) and writes(*args, **kwargs):
+                refuse(args[0])
+            return real(*args, **kwargs)
+        return wrapped
+
+    def open_writes(file, mode="r", *a, **k):
+        return any(c in mode for c in "wax+")
+
+    def os_open_writes(path, flags, *a, **k):
+        return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND))
+
+    monkeypatch.setattr(builtins, "open", guard(builtins.open, writes=open_writes))
+    monkeypatch.setattr(io, "open", guard(io.open, writes=open_writes))
+    monkeypatch.setattr(os, "open", guard(os.open, writes=os_open_writes))
+    for name in ("mkdir", "rmdir", "unlink", "remove", "chmod", "utime"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+    for name in ("replace", "rename"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name), n_paths=2))
+    return lambda folder: roots.append(Path(folder).absolute())
+
+
+def test_the_read_only_simulation_refuses_writes(tmp_path, read_only):
+    read_only(tmp_path)
+    with pytest.raises(OSError, match="Read-only"):
+        (tmp_path / "x").write_text("x")
+    with pytest.raises(OSError, match="Read-only"):
+        (tmp_path / "d").mkdir()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_only_cache_that_holds_the_model_serves_it(tmp_path, read_only):
+    target = tmp_path / "cache" / "models" / "m"
+    build = _StandIn()
+    first, _, _ = _load_cached(target, build)
+    os.utime(target / "config.json")   # a copied cache: mtimes moved, content intact (manifest rewrite)
+    read_only(tmp_path / "cache")
+    second, _, folder = _load_cached(target, build)
+    assert folder == target and build.calls == 1
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_an_empty_read_only_cache_says_which_folder(tmp_path, read_only, monkeypatch):
+    root = tmp_path / "cache"
+    root.mkdir()
+    read_only(root)
+    build = _StandIn()
+    with pytest.raises(cache.CacheNotWritable, match=re.escape(str(root / "models")) + ".*KN_UTILS_CACHE"):
+        _load_cached(root / "models" / "m", build)
+    assert build.calls == 0 and list(root.iterdir()) == []
+
+
+def test_an_empty_read_only_cache_names_the_folder_for_gemma_too(tmp_path, read_only, monkeypatch):
+    import importlib
+
+    from kn_utils import registry
+
+    if importlib.util.find_spec(registry.GEMMA_ASSEMBLER) is None:
+        pytest.skip("Gemma packages not installed")
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    read_only(tmp_path)
+    with pytest.raises(cache.CacheNotWritable, match=re.escape(str(tmp_path / "gguf")) + ".*cannot be written"):
+        registry.gemma_gguf_path()

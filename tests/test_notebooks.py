@@ -150,6 +150,6 @@ def test_figures_are_not_displayed_outside_a_notebook(tmp_path, monkeypatch):
     assert not plotting.in_notebook()
     fig = plotting.attribution.plot_attribution_heatmap(torch.ones(2, 5), save="h", folder=tmp_path)
     assert shown == [] and (tmp_path / "h.png").exists() and (tmp_path / "h.pdf").exists()
-    monkeypatch.setattr(plotting, "in_notebook", lambda: True)
+    monkeypatch.setattr(plotting.core, "in_notebook", lambda: True)
     plotting.finish(fig, None)
     assert len(shown) == 1 and shown[0][0].format == "png"

@@ -46,13 +46,14 @@ def test_checkout_is_recognised_by_its_pyproject(tmp_path, monkeypatch):
 def test_figures_dir_order(tmp_path, monkeypatch):
     monkeypatch.delenv("KN_FIGURES_DIR", raising=False)
     assert kp.figures_dir() == ROOT / "figures"
-    assert kp.FIGURES_DIR == ROOT / "figures"  # the old constant's name still answers
+    with pytest.warns(DeprecationWarning, match=r"figures_dir\(\).*|0\.2"):
+        assert kp.FIGURES_DIR == ROOT / "figures"  # the old constant's name answers, with a warning
     monkeypatch.setenv("KN_FIGURES_DIR", "  ")  # blank means not set
     assert kp.figures_dir() == ROOT / "figures"
     monkeypatch.setenv("KN_FIGURES_DIR", str(tmp_path / "mine"))
     assert kp.figures_dir() == tmp_path / "mine"
     monkeypatch.delenv("KN_FIGURES_DIR")
-    monkeypatch.setattr(kp, "checkout_root", lambda: None)  # as in an installed wheel
+    monkeypatch.setattr(kp.core, "checkout_root", lambda: None)  # as in an installed wheel
     monkeypatch.chdir(tmp_path)
     assert kp.figures_dir() == tmp_path / "figures"
 

@@ -8,12 +8,12 @@ import sys
 import pytest
 
 import kn_utils as ku
-from kn_utils import models, registry
+from kn_utils import cache, models, registry
 
 
 @pytest.fixture
 def tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
     return tmp_path
 
 
@@ -51,24 +51,42 @@ def test_missing_gemma_packages_say_what_to_install(tmp_cache, monkeypatch):
     assert not (tmp_cache / "gguf").exists() or not any((tmp_cache / "gguf").iterdir())
 
 
-def test_failed_assembly_leaves_nothing_behind(tmp_cache, monkeypatch):
-    """A sha256 mismatch (the assembler raises) leaves no file that a later call would trust."""
+def _stand_in_assembler(monkeypatch, fail: bool):
+    """Replace the Gemma assembler package by one that writes a few bytes (and then raises a sha256
+    mismatch when ``fail``); the chunk packages must still be installed."""
     if importlib.util.find_spec(registry.GEMMA_ASSEMBLER) is None:
         pytest.skip("Gemma packages not installed")
 
-    class Broken:
+    class StandIn:
         @staticmethod
         def assemble(path, overwrite=False):
             with open(path, "wb") as f:
-                f.write(b"half a file")
-            raise ValueError("Assembled file sha256 did not match expected value")
+                f.write(b"half a file" if fail else b"stand-in gguf")
+            if fail:
+                raise ValueError("Assembled file sha256 did not match expected value")
 
     real = importlib.import_module
     monkeypatch.setattr(importlib, "import_module",
-                        lambda name, *a: Broken if name == registry.GEMMA_ASSEMBLER else real(name, *a))
+                        lambda name, *a: StandIn if name == registry.GEMMA_ASSEMBLER else real(name, *a))
+
+
+def test_failed_assembly_leaves_nothing_behind(tmp_cache, monkeypatch):
+    """A sha256 mismatch (the assembler raises) leaves no file that a later call would trust."""
+    _stand_in_assembler(monkeypatch, fail=True)
     with pytest.raises(ValueError, match="sha256"):
         registry.gemma_gguf_path()
     assert list((tmp_cache / "gguf").iterdir()) == []
+
+
+def test_assembled_gguf_follows_the_umask(tmp_cache, monkeypatch):
+    """(issue 18) mkstemp made the assembled file 0o600: unreadable to the other users of a cache."""
+    _stand_in_assembler(monkeypatch, fail=False)
+    old = os.umask(0o022)
+    try:
+        path = registry.gemma_gguf_path()
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"stand-in gguf" and path.stat().st_mode & 0o777 == 0o644
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
 """kn_utils.reproduce (the report), kn_utils.stats (its intervals), kn_utils.paper, CounterFact metrics."""
+import json
 import math
 
 import numpy as np
@@ -16,8 +17,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::kn_utils.data.BuiltinDataWarnin
 
 
 @pytest.fixture
-def builtin_only(monkeypatch, tmp_path_factory):
+def builtin_only(monkeypatch, tmp_path_factory, tiny):
     """No data folder at all: the loaders fall back to the built-in mini sets."""
+    tiny("llama")   # built first: its tokenizer comes from the model cache, not the empty one below
     monkeypatch.delenv("KN_DATA_DIR", raising=False)
     monkeypatch.setenv("KN_SHARED_DATA", "0")
     monkeypatch.setenv("KN_UTILS_CACHE", str(tmp_path_factory.mktemp("cache")))  # ROME templates of tiny models
@@ -145,7 +147,7 @@ def test_smoke_report_every_section(tiny, tmp_path, builtin_only):
     rep = reproduce.reproduce(lm, "smoke", tmp_path, model_name="tiny-llama")
     text = rep.path.read_text()
     assert rep.path == tmp_path / "REPORT.md"
-    assert rep.failed == []
+    assert rep.failed == [] and not rep.incomplete and not rep.stopped
     for key in reproduce.SECTIONS:
         assert reproduce.TITLES[key] in text, key
     # CounterFact has no built-in set: skipped with its reason, not dropped
@@ -156,12 +158,20 @@ def test_smoke_report_every_section(tiny, tmp_path, builtin_only):
     for png in ("table1", "dai", "fig6b", "blimp", "tracing_facts", "tracing_dna", "tracing_sva"):
         assert (tmp_path / f"{png}.png").stat().st_size > 1000, png
         assert f"({png}.png)" in text
-    assert not list(tmp_path.glob("*.pdf"))
-    assert reproduce.git_commit()[:7] in text and "wall time" in text
+    assert not list(tmp_path.glob("*.pdf")) and not list(tmp_path.glob(".*tmp*"))
+    assert reproduce.git_commit()[:7] in text and "total compute time" in text
+    # smoke sizes are below the report minimum, and the report says so per section
+    assert "below the report minimum" in text
+    # item rows say which worker computed them and how long it took
+    for name in ("table1_items", "dai_facts", "blimp_summary", "fig6b_summary"):
+        df = pd.read_csv(tmp_path / f"{name}.csv")
+        assert {"worker", "seconds"} <= set(df.columns) and (df.seconds >= 0).all(), name
     # KN rows are never put beside ROME's published numbers
     t1 = pd.read_csv(tmp_path / "table1_summary.csv")
     assert t1[t1.editor == "kn"]["paper_gpt2xl"].isna().all()
     assert t1[(t1.editor == "rome") & (t1.metric == "reliability")]["paper_gpt2xl"].notna().all()
+    items = pd.read_csv(tmp_path / "table1_items.csv")
+    assert {"reliability_acc", "reliability_acc_pre", "symmetry_acc", "synonym_acc"} <= set(items.columns)
     # BLiMP: every paradigm of the paper is either measured or listed as skipped with a reason
     measured = set(pd.read_csv(tmp_path / "blimp_summary.csv").paradigm)
     skipped = set(pd.read_csv(tmp_path / "blimp_skipped.csv").paradigm)
@@ -179,13 +189,28 @@ def test_smoke_report_every_section(tiny, tmp_path, builtin_only):
     for name in ("dai_summary", "table1_summary", "headline"):
         df = pd.read_csv(tmp_path / f"{name}.csv").dropna(subset=["ci_lo", "ci_hi"])
         assert ((df.ci_lo <= df.ours + 1e-9) & (df.ours <= df.ci_hi + 1e-9)).all(), name
+    meta = json.loads((tmp_path / "report.json").read_text())
+    assert meta["scale"] == "smoke" and meta["all_units"] and not meta["incomplete"]
+    assert meta["compute_seconds"] > 0 and meta["sections"]["blimp"]["n_done"] == meta["sections"]["blimp"]["n_planned"]
+
+
+def test_table1_items_equal_evaluate_edits(tiny, tmp_path, builtin_only):
+    """A Table 1 item computed alone is the row of evaluate_edits' run over the first n items."""
+    lm = tiny("llama")
+    reproduce.reproduce(lm, "smoke", tmp_path, sections=["table1"])
+    items = pd.read_csv(tmp_path / "table1_items.csv")
+    ctx = reproduce.Context(lm, "smoke", reproduce.SCALES["smoke"])
+    want = ku.evaluate_edits(lm, editor="kn", relation="P101", n=2, hparams=ctx.kn_hparams(), progress=False)
+    got = items[(items.editor == "kn") & (items.relation == "P101")].reset_index(drop=True)
+    for col in ("item", "reliability_acc", "reliability_acc_pre", "synonym_acc", "p_new_post", "locality_acc"):
+        np.testing.assert_allclose(got[col].astype(float), want[col].astype(float), rtol=1e-8, err_msg=col)
 
 
 def test_failing_section_is_recorded_not_dropped(tiny, tmp_path, builtin_only, monkeypatch):
-    def boom(ctx, sec):
+    def boom(ctx, item):
         raise RuntimeError("boom in the Dai section")
 
-    monkeypatch.setitem(reproduce.SECTION_FUNCTIONS, "dai", boom)
+    monkeypatch.setattr(reproduce.UNITS["dai"], "compute", boom)
     rep = reproduce.reproduce(tiny("llama"), "smoke", tmp_path, sections=["dai", "blimp"],
                               sizes={"blimp_n": 5})
     assert "'blimp_n': 5" in rep.path.read_text() and "some overridden" in rep.path.read_text()
@@ -203,7 +228,39 @@ def test_bad_arguments(tiny, tmp_path):
         reproduce.reproduce(lm, "smoke", tmp_path, sections=["table99"])
     with pytest.raises(ValueError, match="unknown sizes \\['rome_m'\\]"):
         reproduce.reproduce(lm, "smoke", tmp_path, sizes={"rome_m": 3})
-    assert not (tmp_path / "REPORT.md").exists()
+    for bad in ({"blimp_n": 0}, {"aie_n": -3}, {"max_relations": 0}, {"trace_samples": True}, {"rome_n": 1.5}):
+        with pytest.raises(ValueError, match="positive integer"):
+            reproduce.reproduce(lm, "smoke", tmp_path, sizes=bad)
+    with pytest.raises(ValueError, match="'none'.*not meaningful"):
+        reproduce.reproduce(lm, "smoke", tmp_path, sizes={"blimp_n": None})
+    with pytest.raises(ValueError, match="--shard"):
+        reproduce.reproduce(lm, "smoke", tmp_path, shard="2/2")
+    a_file = tmp_path / "file.md"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        reproduce.reproduce(lm, "smoke", a_file)
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        reproduce.reproduce(lm, "smoke", a_file / "sub")
+    assert not (tmp_path / "REPORT.md").exists() and not (tmp_path / "records").exists()
+
+
+def test_read_only_out_is_refused_before_compute(tiny, tmp_path, monkeypatch):
+    import os
+
+    calls = []
+    monkeypatch.setattr(reproduce.UNITS["blimp"], "plan", lambda ctx: calls.append(1) or {"items": []})
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:   # root writes anywhere: let the check see the folder as a user would
+        real = os.access
+        monkeypatch.setattr(reproduce.os, "access", lambda p, mode: False if str(p) == str(ro) else real(p, mode))
+    try:
+        with pytest.raises(PermissionError, match="not writable"):
+            reproduce.reproduce(tiny("llama"), "smoke", ro / "report", sections=["blimp"])
+    finally:
+        ro.chmod(0o755)
+    assert calls == []
 
 
 def test_command_line(tmp_path, builtin_only, monkeypatch, capsys):
@@ -213,10 +270,36 @@ def test_command_line(tmp_path, builtin_only, monkeypatch, capsys):
     assert main(["reproduce", "--model", str(folder), "--scale", "smoke", "--sections", "blimp",
                  "--out", str(out), "--device", "cpu"]) == 0
     assert "BLiMP accuracy" in (out / "REPORT.md").read_text()
-    monkeypatch.setitem(reproduce.SECTION_FUNCTIONS, "blimp", lambda ctx, sec: 1 / 0)
+    # re-rendered from the records, no model
+    (out / "REPORT.md").unlink()
+    assert main(["reproduce", "--model", "no-such-model", "--render-only", "--out", str(out)]) == 0
+    assert "BLiMP accuracy" in (out / "REPORT.md").read_text()
+    monkeypatch.setattr(reproduce.UNITS["blimp"], "VERSION", 99)   # records no longer match: recompute
+    monkeypatch.setattr(reproduce.UNITS["blimp"], "compute", lambda ctx, item: 1 / 0)
     assert main(["reproduce", "--model", str(folder), "--scale", "smoke", "--sections", "blimp",
                  "--out", str(out), "--device", "cpu"]) == 1
     assert "FAILED sections" in capsys.readouterr().out
+
+
+def test_command_line_refuses_bad_input_before_loading(tmp_path):
+    """Bad sizes, shards and --out fail before the model loads (the model name here does not exist)."""
+    base = ["reproduce", "--model", str(tmp_path / "no-such-model"), "--scale", "smoke", "--out", str(tmp_path / "r")]
+    for extra, exc, msg in ((["--size", "rome_n=1.5"], ValueError, "not an integer"),
+                            (["--size", "bogus=3"], ValueError, "unknown sizes"),
+                            (["--size", "rome_n"], ValueError, "NAME=VALUE"),
+                            (["--size", "=3"], ValueError, "NAME=VALUE"),
+                            (["--size", "blimp_n=0"], ValueError, "positive integer"),
+                            (["--size", "aie_n=-3"], ValueError, "positive integer"),
+                            (["--shard", "1"], ValueError, "K/N"),
+                            (["--time-budget", "0"], ValueError, "time-budget")):
+        with pytest.raises(exc, match=msg):
+            main(base + extra)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError):
+        main(["reproduce", "--model", "x", "--out", str(a_file)])
+    with pytest.raises(FileNotFoundError, match="no records"):
+        main(["reproduce", "--model", "x", "--render-only", "--out", str(tmp_path)])
 
 
 def test_counterfact_section_with_the_data(tiny, tmp_path, data_dir):
@@ -250,47 +333,46 @@ def test_blimp_section_on_the_default_model(default_lm, tmp_path, data_dir):
     assert "blimp/" in rep.path.read_text()   # the data set, not the built-in mini set
 
 
-def test_report_is_written_after_each_section(tiny, tmp_path, builtin_only, monkeypatch):
-    """A run stopped part-way keeps the sections it finished, and says what was still to run."""
-    seen = {}
-
-    def stop(ctx, sec):
-        seen["text"] = (tmp_path / "REPORT.md").read_text()
-        raise KeyboardInterrupt
-
-    monkeypatch.setitem(reproduce.SECTION_FUNCTIONS, "tracing", stop)
-    with pytest.raises(KeyboardInterrupt):
-        reproduce.reproduce(tiny("llama"), "smoke", tmp_path, sections=["blimp", "tracing"])
-    assert reproduce.TITLES["blimp"] in seen["text"]
-    assert "**Incomplete**: still to run: tracing" in seen["text"]
+def _meta(folder, **kw):
+    meta = {"scale": "report", "all_units": True, "incomplete": False, "below_minimum": False,
+            "compute_seconds": 7200.0, "commits": ["abcdef1234"], "sections": {"table1": {"n_done": 5, "n_planned": 5}}}
+    meta.update(kw)
+    (folder / "report.json").write_text(json.dumps(meta))
 
 
-def test_update_readme_splices_each_models_headline(tmp_path):
+def test_update_readme_splices_each_models_headline(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{reproduce.README_START}\nold\n{reproduce.README_END}\nrest\n")
-    for model, value in (("default", 61.5), ("gemma-3-270m", 12.25)):
+    for model, value, meta in (("default", 61.5, {"incomplete": True, "sections": {"t": {"n_done": 3, "n_planned": 5}}}),
+                               ("gemma-3-270m", 12.25, {}), ("smoky", 77.75, {"scale": "smoke"}),
+                               ("subset", 88.5, {"all_units": False})):
         folder = tmp_path / "reports" / model
         folder.mkdir(parents=True)
         pd.DataFrame([{"result": "Table 1 ROME P36 reliability (token acc. %)", "ours": value, "ci_lo": 1.0,
                        "ci_hi": 99.0, "n": 100, "paper": 100.0, "paper_setting": "GPT-2 XL"}]
                      ).to_csv(folder / "headline.csv", index=False)
-        (folder / "REPORT.md").write_text(f"# Reproduction report: {model}\n\n- scale: `report`\n"
-                                          f"- commit: `abc`\n- total wall time: 10.0 s\n")
+        _meta(folder, **meta)
     reproduce.update_readme(readme, tmp_path / "reports")
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
     assert "61.50" in text and "12.25" in text and "reports/gemma-3-270m/REPORT.md" in text
-    assert "total wall time: 10.0 s" in text
+    # an incomplete report keeps its mark; a smoke or subset report is never a model's headline
+    default_line = next(ln for ln in text.splitlines() if ln.startswith("- **default**"))
+    assert "**incomplete**" in default_line and "total compute time: 2.00 h" in default_line
+    assert "`abcdef123`" in default_line and "scale `report`" in default_line
+    assert "**incomplete**" not in next(ln for ln in text.splitlines() if ln.startswith("- **gemma-3-270m**"))
+    assert "77.75" not in text and "88.50" not in text and "smoky" not in text
+    assert "smoky" in capsys.readouterr().err
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         reproduce.update_readme(readme, tmp_path / "reports")
 
 
-def test_size_overrides_on_the_command_line(tmp_path, builtin_only):
+def test_size_overrides_on_the_command_line(tmp_path, builtin_only, capsys):
     from kn_utils.commands.reproduce import parse_sizes
 
     assert parse_sizes(["rome_n=30", "max_relations=none"]) == {"rome_n": 30, "max_relations": None}
-    for bad, msg in (("rome_n", "NAME=VALUE"), ("rome_n=3.5", "not an integer")):
+    for bad, msg in (("rome_n", "NAME=VALUE"), ("rome_n=3.5", "not an integer"), ("=3", "NAME=VALUE")):
         with pytest.raises(ValueError, match=msg):
             parse_sizes([bad])
     folder = tmp_path / "model"
@@ -299,25 +381,47 @@ def test_size_overrides_on_the_command_line(tmp_path, builtin_only):
     assert main(["reproduce", "--model", str(folder), "--scale", "smoke", "--sections", "blimp",
                  "--out", str(out), "--device", "cpu", "--size", "blimp_n=4"]) == 0
     assert "'blimp_n': 4" in (out / "REPORT.md").read_text()
-    with pytest.raises(ValueError, match="unknown sizes"):
-        main(["reproduce", "--model", str(folder), "--scale", "smoke", "--size", "blimp_m=4"])
+    capsys.readouterr()
+    # a user's mistake: one line and status 2 (kn_utils.cli), not a traceback
+    assert main(["reproduce", "--model", str(folder), "--scale", "smoke", "--size", "blimp_m=4"]) == 2
+    assert "python -m kn_utils reproduce: error: unknown sizes" in capsys.readouterr().err
 
 
 def test_tracing_keeps_correct_facts_only_and_every_agreement_item(tiny, tmp_path, builtin_only,
                                                                     monkeypatch):
     """At the report scale facts are traced as ROME does (correct predictions only), agreement items
     on P(good form) whether or not it is the top-1: a small model's top-1 is rarely the pair's noun."""
-    calls = []
-    real = ku.average_indirect_effect
-
-    def spy(lm, items, **kw):
-        calls.append((len(items), kw["only_correct"], kw["kind"]))
-        return real(lm, items, **{**kw, "only_correct": False})
-
-    monkeypatch.setattr(ku, "average_indirect_effect", spy)
     monkeypatch.setattr(ku, "filter_known", lambda lm, facts, n: facts.head(n))
     sizes = {k: v for k, v in reproduce.SCALES["smoke"].items()}
     rep = reproduce.reproduce(tiny("llama"), "report", tmp_path, sections=["tracing"], sizes=sizes)
     assert rep.failed == []
-    assert [c[1] for c in calls] == [True] * 3 + [False] * 6   # facts, then DNA and SVA
     assert "'dna': False" in rep.path.read_text()
+    recs = reproduce.Store(tmp_path).records("tracing")
+    correct = {s: sum(r["result"]["kinds"]["hidden"]["correct"] for r in recs.values() if r["result"]["set"] == s)
+               for s in ("facts", "dna", "sva")}
+    table = pd.read_csv(tmp_path / "tracing_summary.csv").set_index("items")
+    for s in ("dna", "sva"):    # every agreement item, correct or not
+        assert table.loc[s, "n_traced"] == sum(r["result"]["set"] == s for r in recs.values())
+    if correct["facts"]:
+        assert table.loc["facts", "n_traced"] == correct["facts"]
+    else:
+        assert "facts" not in table.index and "facts_skipped" in rep.path.read_text()
+
+
+def test_commit_is_read_before_the_run_writes_a_file(tiny, tmp_path, builtin_only, monkeypatch):
+    """The run's own figures and CSVs (tracked files in reports/) must not make its commit '-dirty'."""
+    out = tmp_path / "report"
+    seen = []
+    monkeypatch.setattr(reproduce, "git_commit", lambda path=None: seen.append(out.exists()) or "abc1234")
+    reproduce.reproduce(tiny("llama"), "smoke", out, sections=["blimp"])
+    assert seen == [False] and "`abc1234`" in (out / "REPORT.md").read_text()
+
+
+def test_report_files_are_replaced_not_rewritten_in_place(tiny, tmp_path, builtin_only):
+    """Every report file is a new inode after a second render (written beside, then renamed)."""
+    reproduce.reproduce(tiny("llama"), "smoke", tmp_path, sections=["blimp"])
+    names = ("REPORT.md", "headline.csv", "report.json", "blimp_summary.csv", "blimp.png")
+    before = {n: (tmp_path / n).stat().st_ino for n in names}
+    reproduce.render_report(tmp_path)
+    assert all((tmp_path / n).stat().st_ino != before[n] for n in names)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

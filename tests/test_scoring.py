@@ -82,15 +82,15 @@ def test_target_functions_and_predict_agree(tiny):
     first = tg.prepare(lm, prompt, top[0][0]).target_ids[0] if top[0][0].strip() else None
     if first is not None and lm.tokenizer.decode([first]) == top[0][0]:
         assert ku.target_probability(lm, prompt, top[0][0]) == pytest.approx(top[0][1], rel=1e-4)
-    # the old import paths keep working
-    from kn_utils.data.blimp import accuracy, pair_scores, trace_items
-    from kn_utils.targets import predict, target_log_probs, target_probability
+    # one place per name: the moved names are gone from their old modules (no silent forwards)
+    from kn_utils import blimp_tasks
+    from kn_utils.data import blimp
     from kn_utils.tracing import subject_span
-    assert (accuracy, pair_scores, trace_items) == (scoring.blimp_accuracy, scoring.pair_scores,
-                                                     scoring.trace_items)
-    assert (predict, target_log_probs, target_probability) == (scoring.predict, scoring.target_log_probs,
-                                                               scoring.target_probability)
-    assert subject_span is tg.subject_span and ku.blimp_accuracy is scoring.blimp_accuracy
+    for old, names in ((blimp, ("accuracy", "pair_scores", "trace_items")),
+                       (tg, ("logits_at", "predict", "target_log_probs", "target_probability"))):
+        for name in names:
+            assert not hasattr(old, name), f"{old.__name__}.{name} should be gone"
+    assert subject_span is tg.subject_span and ku.blimp_accuracy is blimp_tasks.blimp_accuracy
 
 
 def test_scorer_bad_inputs_leave_no_hooks(tiny):
@@ -105,7 +105,7 @@ def test_scorer_bad_inputs_leave_no_hooks(tiny):
         score_targets(lm, CAUSAL_PAIRS, batch_size=0)
     with pytest.raises(ValueError, match="not a single one"):
         score_targets(lm, ("The dog", "runs"))
-    with pytest.raises(ValueError, match=r"a pair is \(prompt, target\)"):
+    with pytest.raises(ValueError, match=r"an item is a \(prompt, target\) pair"):
         score_targets(lm, ["The dog runs"])
     assert hook_count(lm.model) == 0
 

@@ -80,7 +80,7 @@ def test_batched_logits_match_single_runs(tiny):
     lm = tiny("llama")
     prompts = ["The capital of France is", "Hi", "One two three four five six"]
     seqs = [ku.targets.prompt_ids(lm, p) for p in prompts]
-    batched = ku.targets.logits_at(lm, seqs, [len(s) - 1 for s in seqs])
+    batched = ku.scoring.logits_at(lm, seqs, [len(s) - 1 for s in seqs])
     for i, s in enumerate(seqs):
         with torch.no_grad():
             single = lm.model(torch.tensor([s])).logits[0, -1]

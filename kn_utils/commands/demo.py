@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 import kn_utils as ku
+from kn_utils.cli import inputs_checked, positive_int
 from kn_utils.data import data_root
 from kn_utils.data.counterfact import load_known_facts
 
@@ -19,8 +20,8 @@ FACTS = [
 
 
 def add_arguments(parser):
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--neurons", type=int, default=20,
+    parser.add_argument("--top-k", type=positive_int, default=5)
+    parser.add_argument("--neurons", type=positive_int, default=20,
                         help="how many of the most active neurons (upper half of the layers) to zero")
 
 
@@ -40,7 +41,10 @@ def top_active_neurons(lm, prompt: str, count: int) -> list[tuple[int, int]]:
 def run(args) -> int:
     # before the model: a KN_DATA_DIR that is not a folder fails here, in a second, not in a notebook
     root = data_root()
+    # through the loaders as the notebooks use them: with no data folder this is the built-in list
+    facts = load_known_facts(n=3)
     lm = ku.load_model(args.model, device=args.device)
+    inputs_checked()
     print(lm)
     print(f"data sets: {root}" if root is not None else
           "data sets: none found (KN_DATA_DIR unset, no ../shared/data): the notebooks use the built-in "
@@ -50,8 +54,6 @@ def run(args) -> int:
         shown = ", ".join(f"{tok!r} {p:.3f}" for tok, p in ku.predict(lm, prompt, args.top_k))
         print(f"  {prompt!r:50} -> {shown}")
 
-    # through the loaders as the notebooks use them: with no data folder this is the built-in list
-    facts = load_known_facts(n=3)
     print(f"\nROME's known facts from {facts.attrs['data_source']}")
     for fact in facts.itertuples():
         p = ku.target_probability(lm, fact.prompt, fact.target)

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+import warnings
 
+from ..checks import replace_file, writable_folder
+from ..cli import fraction, inputs_checked, int_at_least, positive_int
 from ..localisation import localise_paradigm  # noqa: F401  (the library function; also importable here)
 
 HELP = "find knowledge neurons of BLiMP paradigms (per number) and write CSV/JSON and figures"
@@ -31,12 +33,13 @@ HELP = "find knowledge neurons of BLiMP paradigms (per number) and write CSV/JSO
 def add_arguments(parser):
     parser.add_argument("--paradigm", action="append", required=True,
                         help="BLiMP UID or short name (dna_1, with_adj_1, ...); repeat or comma-separate")
-    parser.add_argument("--n", type=int, default=20, help="prompts per group for the KN search")
-    parser.add_argument("--eval-n", type=int, default=None,
+    parser.add_argument("--n", type=int_at_least(2, " (R²₁ and tau need several prompts)"), default=20,
+                        help="prompts per group for the KN search (>= 2)")
+    parser.add_argument("--eval-n", type=positive_int, default=None,
                         help="pairs per paradigm for BLiMP accuracy (default: --n times the groups)")
-    parser.add_argument("--steps", type=int, default=20, help="integrated-gradients points")
-    parser.add_argument("--threshold", type=float, default=0.2, help="coarse threshold, fraction of max")
-    parser.add_argument("--tau", type=float, default=0.7, help="starting refinement threshold")
+    parser.add_argument("--steps", type=positive_int, default=20, help="integrated-gradients points")
+    parser.add_argument("--threshold", type=fraction, default=0.2, help="coarse threshold, fraction of max")
+    parser.add_argument("--tau", type=fraction, default=0.7, help="starting refinement threshold")
     parser.add_argument("--no-adaptive", action="store_true", help="keep tau fixed")
     parser.add_argument("--tau-mode", choices=("strict", "paper"), default="strict",
                         help="strict: more than tau of the prompts; paper: the paper code's "
@@ -53,22 +56,27 @@ def _paradigms(values) -> list[str]:
 def run(args) -> int:
     import kn_utils as ku
 
+    from ..data import BuiltinDataWarning, blimp
     from ..plotting import attribution as plots
 
+    # before the model: unknown paradigms, damaged data files, a folder that cannot take the results
+    out = writable_folder(args.out)
+    uids = [blimp.resolve_uid(name, args.data_dir) for name in _paradigms(args.paradigm) or [""]]
+    with warnings.catch_warnings():   # the run itself says once where the pairs come from
+        warnings.simplefilter("ignore", BuiltinDataWarning)
+        for uid in uids:
+            blimp.load_paradigm(uid, args.data_dir)
     lm = ku.load_model(args.model, device=args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for uid in _paradigms(args.paradigm):
+    inputs_checked()
+    for uid in uids:
         summary, groups, prompts, maps = localise_paradigm(
             lm, uid, n=args.n, eval_n=args.eval_n, steps=args.steps, threshold=args.threshold,
             tau=args.tau, adaptive=not args.no_adaptive, data_dir=args.data_dir, tau_mode=args.tau_mode)
         uid = summary["paradigm"]
-        (out / f"localise_{uid}.json").write_text(json.dumps(summary, indent=2))
-        # a CSV keeps no attrs: the source goes in a column
-        groups.assign(data_source=summary["data_source"]).to_csv(out / f"localise_{uid}_groups.csv",
-                                                                 index=False)
-        prompts.assign(data_source=summary["data_source"]).to_csv(out / f"localise_{uid}_prompts.csv",
-                                                                  index=False)
+        replace_file(out / f"localise_{uid}.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+        for name, table in (("groups", groups), ("prompts", prompts)):
+            table = table.assign(data_source=summary["data_source"])   # a CSV keeps no attrs
+            replace_file(out / f"localise_{uid}_{name}.csv", lambda tmp: table.to_csv(tmp, index=False))
         print(f"{uid}: pairs from {summary['data_source']}")
         print(groups[["paradigm", "group", "n_prompts", "kn_count_tau_start", "tau", "r2", "neurons"]]
               .to_string(index=False))

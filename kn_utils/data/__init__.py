@@ -108,6 +108,12 @@ class Loaded(list):
 def read_jsonl(path) -> list[dict]:
     """The JSON objects of a jsonl file, one per non-blank line; a bad line names the file and its
     1-based line number."""
+    return [row for _, row in read_jsonl_lines(path)]
+
+
+def read_jsonl_lines(path) -> list[tuple[int, dict]]:
+    """(1-based line number, JSON object) for each non-blank line of a jsonl file (see
+    :func:`read_jsonl`): callers that check fields can name the line of a bad row."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -121,9 +127,46 @@ def read_jsonl(path) -> list[dict]:
             if not isinstance(row, dict):
                 raise ValueError(f"{path}, line {number}: expected a JSON object, got "
                                  f"{type(row).__name__}")
-            rows.append(row)
+            rows.append((number, row))
     return rows
 
 
-__all__ = ["BuiltinDataWarning", "Loaded", "data_root", "is_builtin", "read_jsonl", "source_label",
+def checked_rows(numbered, where, fields, what: str = "record", when: dict | None = None) -> list[dict]:
+    """The rows of ``numbered`` ((label, row) pairs, e.g. ("line 3", {...})), each checked to hold
+    ``fields`` (plus ``when[flag]`` where the row's ``flag`` is true) as text by :func:`require_text`,
+    which names ``where`` and the label."""
+    for label, row in numbered:
+        extra = tuple(f for flag, names in (when or {}).items() if row.get(flag) for f in names)
+        require_text(row, tuple(fields) + extra, f"{where}, {label}", what)
+    return [row for _, row in numbered]
+
+
+def require_text(row: dict, fields, where: str, what: str = "record") -> None:
+    """ValueError naming ``where`` (file and line or record) and the field, when ``row`` lacks one of
+    ``fields`` as a non-empty string: a missing answer must not become the text "nan"."""
+    problem = missing_text(row, fields)
+    if problem:
+        raise ValueError(f"{where}: {what} unusable: {problem} (needed: {', '.join(fields)}); fix or "
+                         f"remove it")
+
+
+def missing_text(row: dict, fields) -> str | None:
+    """The first of ``fields`` that ``row`` lacks, holds null / NaN, or holds no text, described
+    ("field 'target_new' is missing"); None when all are non-empty strings."""
+    for name in fields:
+        if name not in row:
+            return f"field {name!r} is missing"
+        value = row[name]
+        if value is None or (isinstance(value, float) and value != value):
+            return f"field {name!r} is null"
+        if not isinstance(value, str):
+            return f"field {name!r} is {type(value).__name__} {value!r}, not text"
+        if not value.strip():
+            return f"field {name!r} is empty"
+    return None
+
+
+__all__ = ["BuiltinDataWarning", "Loaded", "data_root", "is_builtin", "missing_text", "read_jsonl",
+           "checked_rows", "require_text",
+           "read_jsonl_lines", "source_label",
            "source_of", "warn_builtin"]

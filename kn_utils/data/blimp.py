@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import BUILTIN_DIR, Loaded, data_root, read_jsonl, source_label, warn_builtin
+from . import (BUILTIN_DIR, Loaded, checked_rows, data_root, read_jsonl, read_jsonl_lines, source_label,
+               warn_builtin)
 
 BUILTIN_FILE = BUILTIN_DIR / "builtin" / "blimp_mini.jsonl"
 HUB_ID = "nyu-mll/blimp"
@@ -181,13 +182,15 @@ def _load(uid, data_dir=None, n=None, source="auto") -> tuple[Loaded, str]:
         root = data_root(data_dir)
         path = root / "blimp" / f"{uid}.jsonl" if root is not None else None
         if path is not None and path.exists():
-            rows, origin = read_jsonl(path), str(path)
+            numbered = [(f"line {i}", r) for i, r in read_jsonl_lines(path)]
+            rows, origin = checked_rows(numbered, path, _FIELDS, "BLiMP row", _METHOD_FIELDS), str(path)
         elif source == "files":
             raise ValueError(f"no BLiMP file for {uid!r}: looked for "
                              f"{path or '<data_dir>/blimp/' + uid + '.jsonl'} (set KN_DATA_DIR)")
     if rows is None and source in ("auto", "hub"):
         try:
             rows, origin = _from_hub(uid), f"hub:{HUB_ID}"
+            rows = checked_rows(list(enumerate(rows)), f"{origin}/{uid} row", _FIELDS, "BLiMP row", _METHOD_FIELDS)
         except ValueError as err:
             if source == "hub":
                 raise
@@ -205,6 +208,11 @@ def _load(uid, data_dir=None, n=None, source="auto") -> tuple[Loaded, str]:
             warn_builtin(f"BLiMP {uid}", BUILTIN_FILE, len(rows),
                          "no data directory with blimp/ and no hub access", stacklevel=4)
     return Loaded(rows[:n] if n else rows, source_label(origin, len(rows))), origin
+
+
+_FIELDS = ("sentence_good", "sentence_bad")   # every row's; below: what a prompt method reads, where used
+_METHOD_FIELDS = {"one_prefix_method": ("one_prefix_prefix", "one_prefix_word_good", "one_prefix_word_bad"),
+                  "two_prefix_method": ("two_prefix_prefix_good", "two_prefix_prefix_bad", "two_prefix_word")}
 
 
 def load_paradigm(uid: str, data_dir=None, n: int | None = None, *, source: str = "auto") -> list[dict]:
@@ -438,19 +446,5 @@ def expand_templates(lm, uid: str = _DNA + "2", data_dir=None, n: int | None = N
     return df
 
 
-# --------------------------------------------------------------------------------------------------
-# Scoring lives in kn_utils.scoring (data loaders do not run the model); the old names stay here.
-# --------------------------------------------------------------------------------------------------
-_MOVED = {"pair_scores": "pair_scores", "accuracy": "blimp_accuracy", "trace_items": "trace_items"}
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        from .. import scoring   # lazily: scoring imports this module's loaders
-        return getattr(scoring, _MOVED[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["ALL_UIDS", "PAPER_PARADIGMS", "SHORT_NAMES", "accuracy", "builtin_paradigms",
-           "expand_templates", "load_paradigm", "minimal_pairs", "pair_scores", "paradigms",
-           "resolve_uid", "trace_items"]
+__all__ = ["ALL_UIDS", "PAPER_PARADIGMS", "SHORT_NAMES", "builtin_paradigms", "expand_templates",
+           "load_paradigm", "minimal_pairs", "paradigms", "resolve_uid"]

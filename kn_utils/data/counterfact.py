@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import BUILTIN_DIR, data_root, source_label, warn_builtin
+from . import BUILTIN_DIR, data_root, require_text, source_label, warn_builtin
 from ..settings import given
 
 KNOWN_FILE = "known_1000.json"
 BUILTIN_KNOWN = BUILTIN_DIR / "builtin" / "known_facts.json"
 KNOWN_COLUMNS = ("known_id", "subject", "attribute", "template", "prediction", "prompt", "relation_id")
 COUNTERFACT_SPLITS = ("train", "val", "edit")
+# what an edit and its evaluation read from a record (EasyEdit's ground_truth is ROME's target_true)
+COUNTERFACT_FIELDS = ("prompt", "subject", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
+                      "locality_ground_truth")
 
 
 def _check_n(n):
@@ -29,9 +32,24 @@ def _check_n(n):
 def _read_json(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         try:
-            return json.load(fh)
+            rows = json.load(fh)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: expected a JSON list of records (objects)")
+    return rows
+
+
+def check_records(rows, fields, where) -> None:
+    """Every record holds each of ``fields`` as text and its subject inside its prompt, else a
+    ValueError naming ``where`` (the file), the record and the field: a missing ``target_new`` would
+    otherwise be edited towards the text "nan" and counted."""
+    for i, row in enumerate(rows):
+        ident = f"record {i}" + (f" (case_id {row['case_id']})" if "case_id" in row else "")
+        require_text(row, fields, f"{where}, {ident}")
+        if "subject" in fields and row["subject"].strip() not in row["prompt"]:
+            raise ValueError(f"{where}, {ident}: subject {row['subject']!r} is not in its prompt "
+                             f"{row['prompt']!r}")
 
 
 def load_known_facts(data_dir=None, n: int | None = None, *, builtin: bool = False) -> pd.DataFrame:
@@ -56,18 +74,13 @@ def load_known_facts(data_dir=None, n: int | None = None, *, builtin: bool = Fal
                                     f"built-in known facts")
         path = BUILTIN_KNOWN
     rows = _read_json(path)
+    check_records(rows, ("subject", "attribute", "prompt"), path)
     df = pd.DataFrame(rows)
-    missing = {"subject", "attribute", "prompt"} - set(df.columns)
-    if missing:
-        raise ValueError(f"{path}: known facts lack fields {sorted(missing)}")
     for col in KNOWN_COLUMNS:
         if col not in df.columns:
             df[col] = range(len(df)) if col == "known_id" else None
     df = df[list(KNOWN_COLUMNS)].copy()
     df["target"] = " " + df["attribute"].astype(str).str.strip()
-    bad = [r.prompt for r in df.itertuples() if r.subject not in r.prompt]
-    if bad:
-        raise ValueError(f"{path}: subject not in prompt for {len(bad)} facts, e.g. {bad[0]!r}")
     df.attrs["source"] = str(path)
     if fallback and not builtin:
         why = "no data directory" if root is None else f"no {KNOWN_FILE} under {root / 'counterfact'}"
@@ -90,10 +103,12 @@ def load_counterfact(data_dir=None, split: str = "edit", n: int | None = None) -
     path = root / "counterfact" / "easyedit-split" / f"counterfact-{split}.json"
     if not path.exists():
         raise FileNotFoundError(f"CounterFact file not found: {path}")
-    df = pd.DataFrame(_read_json(path))
+    rows = _read_json(path)
+    check_records(rows[:n] if n else rows, COUNTERFACT_FIELDS, path)
+    df = pd.DataFrame(rows)
     df.attrs["source"] = str(path)
     df.attrs["data_source"] = source_label(path, len(df))
     return df.head(n).reset_index(drop=True) if n else df
 
 
-__all__ = ["load_known_facts", "load_counterfact"]
+__all__ = ["COUNTERFACT_FIELDS", "check_records", "load_known_facts", "load_counterfact"]

@@ -59,22 +59,71 @@ def _source(data_dir) -> Path:
     return BUILTIN_BAGS
 
 
-@functools.lru_cache(maxsize=4)
+def _stamp(path) -> tuple[int, int] | None:
+    """(size, mtime) of a file, None if there is none: a cache keyed by it re-reads a changed file."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def _read_bags(path: str) -> dict:
-    # The full file is 30 MB (~1 s to parse): parse once per process.
+    # The full file is 30 MB (~1 s to parse): parse once per process, again when the file changes.
+    return _parse_bags(path, _stamp(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_bags(path: str, stamp) -> dict:
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            table = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}); the file is damaged "
+                             f"or truncated: restore it, or pass another data folder") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: expected a JSON object of relations, got {type(table).__name__}")
+    return table
 
 
-@functools.lru_cache(maxsize=64)
+def _check_bags(path, rel, bags) -> None:
+    """Every bag a non-empty list of [prompt with one [MASK], object, relation label] strings."""
+    if not isinstance(bags, list):
+        raise ValueError(f"{path}: relation {rel!r} holds {type(bags).__name__}, not a list of bags")
+    for i, bag in enumerate(bags):
+        if not isinstance(bag, list) or not bag:
+            raise ValueError(f"{path}: relation {rel!r}, bag {i}: expected a non-empty list of "
+                             f"[prompt, object, relation] entries, got {bag!r:.80}")
+        for j, entry in enumerate(bag):
+            if not (isinstance(entry, list) and len(entry) == 3
+                    and all(isinstance(x, str) and x.strip() for x in entry)):
+                raise ValueError(f"{path}: relation {rel!r}, bag {i}, entry {j}: expected [prompt, "
+                                 f"object, relation] (three non-empty strings), got {entry!r:.80}")
+            if entry[0].count(MASK) != 1:
+                raise ValueError(f"{path}: relation {rel!r}, bag {i}, entry {j}: the prompt must hold "
+                                 f"one {MASK}, got {entry[0]!r}")
+
+
 def _read_patterns(root: str | None, relation: str) -> tuple[str, ...] | None:
     if root is None:
         return None
     for folder in PATTERN_DIRS:
         path = Path(root) / folder / f"{relation}.jsonl"
         if path.exists():
-            return tuple(_norm(row["pattern"]) for row in read_jsonl(path))
+            return _parse_patterns(str(path), _stamp(path))
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_patterns(path: str, stamp) -> tuple[str, ...]:
+    patterns = []
+    for number, row in enumerate(read_jsonl(path), 1):
+        if not isinstance(row.get("pattern"), str) or not row["pattern"].strip():
+            raise ValueError(f"{path}: pattern record {number} has no 'pattern' string")
+        patterns.append(_norm(row["pattern"]))
+    return tuple(patterns)
 
 
 def relations(data_dir=None) -> list[str]:
@@ -164,6 +213,7 @@ def load_bags(relation: str, data_dir=None, n: int | None = None) -> list[Bag]:
     if rel not in table:
         raise ValueError(f"unknown ParaRel relation {relation!r} in {source}; "
                          f"valid relations: {', '.join(relations(data_dir))}")
+    _check_bags(source, rel, table[rel])    # a damaged bag names itself before anything is computed
     raw = table[rel][:n] if n is not None else table[rel]
     if source == BUILTIN_BAGS:
         origin = warn_builtin(f"ParaRel {rel}", source, len(table[rel]),
@@ -173,7 +223,7 @@ def load_bags(relation: str, data_dir=None, n: int | None = None) -> list[Bag]:
     root = data_root(data_dir) if source != BUILTIN_BAGS else None
     patterns = _read_patterns(str(root) if root else None, rel)
     if patterns is None:
-        patterns = _derived_patterns(str(source), rel)
+        patterns = _derived_patterns(str(source), rel, _stamp(source))
     bags = []
     for entries in raw:
         prompts = tuple(_norm(p) for p, _, _ in entries)
@@ -186,7 +236,7 @@ def load_bags(relation: str, data_dir=None, n: int | None = None) -> list[Bag]:
 
 
 @functools.lru_cache(maxsize=64)
-def _derived_patterns(source: str, rel: str) -> tuple[str, ...]:
+def _derived_patterns(source: str, rel: str, stamp=None) -> tuple[str, ...]:
     bags = [[_norm(p) for p, _, _ in entries] for entries in _read_bags(source)[rel]]
     patterns = derive_patterns(bags)
     if not patterns:

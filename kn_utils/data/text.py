@@ -121,8 +121,16 @@ def _hub_paragraphs(spec: str) -> list[str]:
     return [t.strip() for t in ds["text"] if t and t.strip() and not t.strip().startswith("=")]
 
 
+def _folder_stamp(folder: Path) -> tuple:
+    """(name, size, mtime) of every file under ``folder``: a cache keyed by it re-reads a changed corpus."""
+    if not folder.is_dir():
+        return ()
+    return tuple((str(p.relative_to(folder)), st.st_size, st.st_mtime_ns)
+                 for p in sorted(folder.rglob("*")) if p.is_file() for st in [p.stat()])
+
+
 @functools.lru_cache(maxsize=8)
-def _load(corpus: str, root: str | None) -> tuple[str, ...]:
+def _load(corpus: str, root: str | None, stamp: tuple = ()) -> tuple[str, ...]:
     if corpus.startswith("hub:"):
         return tuple(_hub_paragraphs(corpus))
     base = Path(root) if root else None
@@ -156,4 +164,6 @@ def load_texts(corpus: str = "auto", data_dir=None) -> list[str]:
     """Paragraphs of ``corpus`` (see the module docstring), in a fixed order."""
     name = resolve_corpus(corpus, data_dir)
     root = data_root(data_dir)
-    return list(_load(name, str(root) if root else None))
+    folder = {"wikitext": WIKITEXT_DIR, "wikipedia": WIKIPEDIA_DIR}.get(name)
+    stamp = _folder_stamp(root / folder) if root is not None and folder is not None else ()
+    return list(_load(name, str(root) if root else None, stamp))

@@ -12,96 +12,23 @@ checkout's ``figures/`` when the package runs from one, else ``./figures`` of th
 (an installed wheel has no checkout; a figure never goes into site-packages).
 
 Attribution / localisation figures live in ``plotting/attribution.py``, causal-trace and editing
-figures in ``plotting/tracing.py``; both are re-exported here.
+figures in ``plotting/tracing.py``, the convention's helpers in ``plotting/core.py``; all are
+re-exported here.
 """
 from __future__ import annotations
 
-import io
-from pathlib import Path
+import warnings
 
-from ..resources import checkout_root
-from ..settings import env
-
-FIGURES_ENV = "KN_FIGURES_DIR"
-SAVE_DPI = 150    # PNG files in figures/
-INLINE_DPI = 90   # images embedded in notebooks: keeps an executed notebook at a few MB
-
-
-def figures_dir() -> Path:
-    """Where figures go without ``folder=``: ``$KN_FIGURES_DIR``, else ``figures/`` of the source
-    checkout, else ``./figures`` (read at each call, so a changed variable counts)."""
-    value = env(FIGURES_ENV)
-    if value is not None:
-        return Path(value).expanduser()
-    root = checkout_root()
-    return root / "figures" if root is not None else Path.cwd() / "figures"
+from .core import (FIGURES_ENV, INLINE_DPI, SAVE_DPI, figures_dir, finish, in_notebook,  # noqa: F401
+                   save_figure, save_name, show)
+from .attribution import *  # noqa: E402,F401,F403
+from .tracing import *  # noqa: E402,F401,F403
 
 
 def __getattr__(name):
-    # FIGURES_DIR was a constant; it is kept for old callers and now follows figures_dir()
+    # FIGURES_DIR was a constant; until kn_utils 0.2 it answers (following figures_dir()) with a warning
     if name == "FIGURES_DIR":
+        warnings.warn("kn_utils.plotting.FIGURES_DIR is deprecated and will be removed in kn_utils 0.2: "
+                      "call kn_utils.plotting.figures_dir()", DeprecationWarning, stacklevel=2)
         return figures_dir()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def save_figure(fig, name: str, folder=None) -> list[Path]:
-    """Write ``fig`` as ``<folder>/<name>.png`` and ``.pdf`` (folder default: :func:`figures_dir`)."""
-    folder = Path(folder) if folder else figures_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
-    for path in paths:
-        fig.savefig(path, bbox_inches="tight", dpi=SAVE_DPI if path.suffix == ".png" else None)
-    return paths
-
-
-def in_notebook() -> bool:
-    """True inside a Jupyter kernel (not a script, not terminal IPython, which cannot show images)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
-
-
-def show(fig) -> None:
-    """Display ``fig`` inline as a PNG (inside a Jupyter kernel; does nothing elsewhere).
-
-    Rendered here rather than through matplotlib's inline backend, which only knows pyplot figures
-    and only shows a cell's last expression."""
-    if not in_notebook():
-        return
-    from IPython.display import Image, display
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight", dpi=INLINE_DPI)
-    display(Image(data=buf.getvalue(), format="png"))
-
-
-def save_name(save, name, where: str):
-    """The file name a plot function was given: ``save=``, or the old ``name=`` of the causal-trace
-    figures (still accepted, with a DeprecationWarning; both at once is an error)."""
-    if name is None:
-        return save
-    if save is not None:
-        raise TypeError(f"{where}() got save={save!r} and name={name!r}: pass only save= (name= is its "
-                        f"old spelling)")
-    import warnings
-
-    warnings.warn(f"{where}(name=...) is deprecated: use save=... (every plot function's argument)",
-                  DeprecationWarning, stacklevel=3)
-    return name
-
-
-def finish(fig, name, folder=None):
-    """The end of every plot function: save ``fig`` when ``name`` (the function's ``save=``) is given,
-    show it inline in a notebook, return it."""
-    if name:
-        save_figure(fig, name, folder)
-    show(fig)
-    return fig
-
-
-# after the helpers above: the figure modules import them from here
-from .attribution import *  # noqa: E402,F401,F403
-from .tracing import *  # noqa: E402,F401,F403

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from ..localisation import neuron_label  # the tables' labels; re-exported for the figures' callers
-from . import finish  # defined in the package before this module is imported
+from .core import finish
 
 __all__ = ["plot_attribution_heatmap", "kn_frequency", "plot_kn_frequency", "plot_probability_change",
            "plot_layer_distribution", "plot_blimp_accuracy", "neuron_label"]

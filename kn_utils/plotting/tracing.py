@@ -8,7 +8,7 @@ import numpy as np
 
 from matplotlib.figure import Figure
 
-from . import finish, save_name  # defined in the package before this module is imported
+from .core import finish, save_name
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 TITLES = {"hidden": "single restored layer", "mlp": "center of interval of restored MLP layers",

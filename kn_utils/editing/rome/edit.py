@@ -132,6 +132,7 @@ def _request(lm, request) -> EditRequest:
     if subject not in checked:
         raise ValueError(f"subject {subject!r} not in prompt {checked!r} (after whitespace trimming)")
     tg.prepare(lm, checked, target_new)            # raises if the target tokenises to nothing
+    tg.subject_span(lm, checked, subject)          # a whole word of the prompt, before any compute
     if isinstance(request, EditRequest):
         return request if request.prompt == checked else EditRequest(
             request.relation, checked, subject, request.target_true, target_new, request.prompts)

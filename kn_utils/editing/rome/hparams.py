@@ -8,12 +8,34 @@ Two configurations exist for every model preset (``preset(name, config=...)``):
 * ``"rome"`` — ROME's published configuration: C = E[kkᵀ] over ``mom2_n_samples`` = 100,000
   Wikipedia *texts*, drawn at random, each truncated to the model's context.  :meth:`for_model` on a
   CPU draws :data:`CPU_MOM2_TEXTS` texts instead and says so in a warning.
+
+Presets are data, one JSON file per model configuration in ``kn_utils/resources/rome_presets/``
+(:data:`PRESET_DIR`), named ``<model>-<config>.json``::
+
+    {"model": "gemma-3-270m",                 # the name preset() takes
+     "config": "paper",                       # "paper" | "rome"
+     "match": {"family": "gemma3_text", "n_layers": 18, "d_model": 640},   # or null
+     "hparams": {"layer": 3, "v_num_grad_steps": 20, ...},   # ROMEHyperParams fields (all of them)
+     "layer_source": {"file": "benchmarks/layer_sweep_gemma.csv", "row": "layer=3",
+                      "why": "what the sweep measured and why this layer"}}
+
+``match`` is the (``lm.arch.family``, ``n_layers``, ``d_model``) for which :meth:`for_model` picks the
+preset; null for a preset chosen only by name (``"default"``, also the fallback for other models, its
+layer moved to the same relative depth).  ``layer_source`` cites the file and row that chose the
+layer.  Adding a model is adding a file: :func:`write_preset` writes one in this format (checked as
+:func:`load_preset` reads it), e.g. from ``benchmarks/layer_sweep.py``.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import re
 import warnings
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ...resources import resource_dir
 
 CONFIGS = ("paper", "rome")
 UPDATES = ("rome_code", "formula")
@@ -22,10 +44,10 @@ ROME_MOM2_TEXTS = 100_000
 # ROME's text count on a CPU: ~40k WikiText-2 tokens, a few minutes per layer on 2 cores
 CPU_MOM2_TEXTS = 300
 
-# (family, layers, width) of the models with published ROME settings -> preset name
-_PUBLISHED_SHAPES = {("gpt2", 48, 1600): "gpt2-xl", ("llama", 32, 4096): "llama-2-7b"}
-# (family, layers, width) of the embedded models with a swept preset of their own
-_SWEPT_SHAPES = {("gemma3_text", 18, 640): "gemma-3-270m"}
+PRESET_DIR = resource_dir() / "rome_presets"
+PRESET_KEYS = ("model", "config", "match", "hparams", "layer_source")
+MATCH_KEYS = ("family", "n_layers", "d_model")
+SOURCE_KEYS = ("file", "row", "why")
 
 
 @dataclass
@@ -62,68 +84,34 @@ class ROMEHyperParams:
 
     @classmethod
     def preset(cls, name: str, config: str = "paper") -> "ROMEHyperParams":
-        """The settings of model preset ``name`` in configuration ``config`` ("paper" / "rome").
-
-        ``"gpt2-xl"`` and ``"llama-2-7b"``: the paper's ``hparams/ROME/*.yaml`` (layer 17 / 5, ...);
-        their ``"rome"`` configuration turns the covariance on over 100,000 Wikipedia texts, as
-        ROME's published GPT-2 XL settings do.
-
-        ``"default"`` (SmolLM2-135M-Instruct, 30 layers): layer 4, chosen by the layer sweep
-        ``benchmarks/layer_sweep.py --layers 2 4 8 14 20`` (P36, 4 requests each, 12 Adam steps, 3
-        context prefixes, covariance from 3,000 WikiText tokens; CSV in ``benchmarks/layer_sweep.csv``):
-        teacher-forced efficacy 1.00 / 1.00 / 0.88 / 0.88 / 0.63 and paraphrase accuracy
-        0.34 / 0.34 / 0.16 / 0.23 / 0.20 at layers 2 / 4 / 8 / 14 / 20; layer 4 ties layer 2 on both
-        and keeps more neighbours intact (locality accuracy 0.88 vs 0.75).  Early MLPs, as for GPT-2 XL
-        (layer 17 of 48) and LLaMA-2-7B (layer 5 of 32).  The sweep is small (n = 4): rerun it with
-        ``--preset gpu`` on a GPU for a firmer choice.
-
-        ``"gemma-3-270m"`` (Gemma-3-270M base, 18 layers): layer 3, by the same sweep and settings
-        (``benchmarks/layer_sweep.py --model gemma-3-270m --layers 1 3 6 10 14 --n 3``, P36, 12 Adam
-        steps, 3 prefixes, covariance from 3,000 tokens; CSV in ``benchmarks/layer_sweep_gemma.csv``;
-        stopped before layer 14 to bound CPU time): teacher-forced efficacy 0.67 / 1.00 / 1.00 / 1.00,
-        paraphrase accuracy 0.38 / 0.62 / 0.62 / 0.62 and locality accuracy 1.00 / 1.00 / 0.67 / 0.00
-        at layers 1 / 3 / 6 / 10.  Layer 3 is the earliest layer with full efficacy and the best
-        paraphrase score, and the only one of those that leaves every neighbour intact.  n = 3: a
-        small sweep, like SmolLM2's.
-
-        Both embedded presets: covariance OFF in ``"paper"`` (as the paper ran ROME), ON in
-        ``"rome"`` over texts of the local corpus ("auto": WikiText-2, else the Wikipedia sample);
-        the layers were swept with the covariance on (from tokens), and kept for both.
-        """
-        models = {
-            "gpt2-xl": dict(layer=17, v_num_grad_steps=20, v_loss_layer=47, v_weight_decay=0.5,
-                            mom2_dataset="wikipedia"),
-            "llama-2-7b": dict(layer=5, v_num_grad_steps=25, v_loss_layer=31, v_weight_decay=1e-3,
-                               mom2_dataset="wikipedia"),
-            "default": dict(layer=4, v_num_grad_steps=20, v_loss_layer=None, v_weight_decay=0.5,
-                            mom2_dataset="auto"),
-            "gemma-3-270m": dict(layer=3, v_num_grad_steps=20, v_loss_layer=None, v_weight_decay=0.5,
-                                 mom2_dataset="auto"),
-        }
-        if name not in models:
-            raise ValueError(f"unknown ROME preset {name!r}; presets: {sorted(models)}")
+        """The settings of model preset ``name`` in configuration ``config`` ("paper" / "rome"),
+        read from ``PRESET_DIR/<name>-<config>.json`` (each file says in ``layer_source`` which
+        sweep or published file chose its layer, and why)."""
         if config not in CONFIGS:
             raise ValueError(f"unknown ROME configuration {config!r}; choose 'paper' (the paper's code: "
                              f"covariance off) or 'rome' (ROME's published settings: covariance on)")
-        return cls(v_lr=0.5, clamp_norm_factor=4.0, kl_factor=0.0625,
-                   context_template_length_params=[[5, 10], [10, 10]],
-                   mom2_adjustment=config == "rome", mom2_n_samples=ROME_MOM2_TEXTS,
-                   mom2_sample="texts", update="rome_code", **models[name])
+        names = preset_names()
+        if name not in names:
+            raise ValueError(f"unknown ROME preset {name!r}; presets: {names} (files in {PRESET_DIR})")
+        path = PRESET_DIR / f"{name}-{config}.json"
+        if not path.is_file():
+            raise ValueError(f"ROME preset {name!r} has no {config!r} configuration ({path} is missing)")
+        return cls(**load_preset(path)["hparams"])
 
     # Fraction of depth of the default preset's layer, for models without a preset of their own.
     _DEFAULT_DEPTH = 4 / 30
 
     @classmethod
     def for_model(cls, lm, config: str = "paper") -> "ROMEHyperParams":
-        """The preset for ``lm``'s family and size (GPT-2 XL, LLaMA-2-7B, Gemma-3-270M), else the
-        default preset with its layer moved to the same relative depth and the loss read at the last
-        layer.  ``config="rome"`` on a model off the GPU draws :data:`CPU_MOM2_TEXTS` texts for C
+        """The preset whose file ``match``-es ``lm``'s (family, n_layers, d_model) (today GPT-2 XL,
+        LLaMA-2-7B, Gemma-3-270M), else the default preset with its layer moved to the same relative
+        depth and the loss read at the last layer.  ``config="rome"`` on a model off the GPU draws :data:`CPU_MOM2_TEXTS` texts for C
         instead of ROME's 100,000, with a warning saying so."""
         arch = lm.arch
-        shape = (arch.family, arch.n_layers, arch.d_model)
-        published = _PUBLISHED_SHAPES.get(shape) or _SWEPT_SHAPES.get(shape)
-        if published:
-            hp = cls.preset(published, config)
+        shape = {"family": arch.family, "n_layers": arch.n_layers, "d_model": arch.d_model}
+        found = [r["model"] for r in all_presets() if r["match"] == shape and r["config"] == config]
+        if found:
+            hp = cls.preset(found[0], config)
         else:
             hp = cls.preset("default", config)
             hp.layer = min(arch.n_layers - 1, round(cls._DEFAULT_DEPTH * arch.n_layers))
@@ -204,3 +192,89 @@ def as_hparams(hparams, lm=None) -> ROMEHyperParams:
         raise TypeError(f"ROME hparams must be a ROMEHyperParams or None, got "
                         f"{type(hparams).__name__}{hint}")
     return hparams
+
+
+# --------------------------------------------------------------------------------------------------
+# presets as data files
+# --------------------------------------------------------------------------------------------------
+_FIELDS = {f.name for f in dataclasses.fields(ROMEHyperParams)}
+
+
+def preset_names() -> list[str]:
+    """Every model preset with at least one file in :data:`PRESET_DIR`."""
+    return sorted({r["model"] for r in all_presets()})
+
+
+def all_presets() -> list[dict]:
+    """Every preset file, read and checked (:func:`load_preset`), in name order."""
+    return [load_preset(p) for p in sorted(PRESET_DIR.glob("*.json"))]
+
+
+def load_preset(path) -> dict:
+    """One preset file as a dict, checked: its keys, its name (``<model>-<config>.json``), ``match``,
+    ``layer_source`` and every hparams value (:meth:`ROMEHyperParams.check_values`).  A bad file is
+    a ValueError naming it."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"ROME preset {path}: unreadable ({err})") from err
+    problem = _preset_problem(record, path.name)
+    if problem:
+        raise ValueError(f"ROME preset {path}: {problem}")
+    return record
+
+
+def _preset_problem(record, file_name: str | None = None) -> str | None:
+    if not isinstance(record, dict) or sorted(record) != sorted(PRESET_KEYS):
+        got = sorted(record) if isinstance(record, dict) else type(record).__name__
+        return f"needs exactly the keys {list(PRESET_KEYS)}, got {got}"
+    model, config, match = record["model"], record["config"], record["match"]
+    if not isinstance(model, str) or not re.fullmatch(r"[\w.-]+", model):
+        return f"model must be a name of letters, digits, '.', '-', '_', got {model!r}"
+    if config not in CONFIGS:
+        return f"config must be one of {CONFIGS}, got {config!r}"
+    if file_name is not None and file_name != f"{model}-{config}.json":
+        return f"the file of model {model!r}, config {config!r} must be named {model}-{config}.json"
+    if match is not None and (not isinstance(match, dict) or sorted(match) != sorted(MATCH_KEYS)
+                              or not isinstance(match["family"], str)
+                              or any(isinstance(match[k], bool) or not isinstance(match[k], int)
+                                     or match[k] < 1 for k in ("n_layers", "d_model"))):
+        return f"match must be null or {{family: str, n_layers: int, d_model: int}}, got {match!r}"
+    source = record["layer_source"]
+    if not isinstance(source, dict) or sorted(source) != sorted(SOURCE_KEYS) \
+            or not all(isinstance(v, str) and v.strip() for v in source.values()):
+        return f"layer_source must be {{file, row, why}} (non-empty strings), got {source!r}"
+    hparams = record["hparams"]
+    if not isinstance(hparams, dict) or set(hparams) != _FIELDS:
+        have = set(hparams) if isinstance(hparams, dict) else set()
+        return (f"hparams must give every ROMEHyperParams field; missing {sorted(_FIELDS - have)}, "
+                f"unknown {sorted(have - _FIELDS)}")
+    hp = ROMEHyperParams(**hparams)
+    try:
+        hp.check_values()
+    except ValueError as err:
+        return f"hparams: {err}"
+    if isinstance(hp.layer, bool) or not isinstance(hp.layer, int) or hp.layer < 0:
+        return f"hparams.layer must be an integer >= 0, got {hp.layer!r}"
+    return None
+
+
+def write_preset(hparams: ROMEHyperParams, model: str, config: str, *, match: dict | None,
+                 layer_source: dict, folder=None) -> Path:
+    """Write ``<folder>/<model>-<config>.json`` (folder: :data:`PRESET_DIR`) in the preset format,
+    checked as :func:`load_preset` checks it; returns the path."""
+    record = {"model": model, "config": config, "match": match,
+              "hparams": dataclasses.asdict(hparams), "layer_source": layer_source}
+    problem = _preset_problem(record)
+    if problem:
+        raise ValueError(f"ROME preset {model}-{config}: {problem}")
+    path = Path(folder or PRESET_DIR) / f"{model}-{config}.json"
+    # [[5, 10], [10, 10]] on one line, as a person writes it: dumped apart and put in its place
+    lengths = record["hparams"]["context_template_length_params"]
+    record["hparams"]["context_template_length_params"] = "@lengths@"
+    text = json.dumps(record, indent=2, ensure_ascii=False).replace('"@lengths@"', json.dumps(lengths))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path

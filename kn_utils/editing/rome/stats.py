@@ -1,6 +1,14 @@
-"""ROME's key statistics C = E[kkᵀ] of one layer, cached on disk under the model's fingerprint."""
+"""ROME's key statistics C = E[kkᵀ] of one layer, cached on disk under the model's fingerprint.
+
+A cache entry is keyed by what produced it: the model (:func:`model_key`) and a digest of the
+weights the layer's keys depend on (:func:`weights_digest`), so statistics computed while an edit
+was live are never served to the unedited model, nor the reverse.  Forward hooks change what a
+forward computes without changing a weight: while any is live on the model (``ku.suppress``, a
+user's hook) the statistics are computed for that call and not cached (:func:`live_hooks_note`).
+"""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -13,8 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ... import targets as tg
-from ...hooks import record
-from ...models import cache_dir, pid_alive
+from ...cache import CACHE_ENV, cache_dir, pid_alive
+from ...hooks import hook_count, record
+from ...settings import env
 
 # Config entries that say where or with what a model was loaded, not what it computes.
 _CONFIG_NOT_IDENTITY = ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash")
@@ -42,6 +51,60 @@ def model_key(lm) -> str:
     return f"{family}-{lm.arch.n_layers}L-{h.hexdigest()[:12]}"
 
 
+def weights_digest(tensors) -> str:
+    """A digest of a deterministic sample of each tensor: two wrapped diagonals of its 2-D view
+    [first dim, rest] (1-D tensors: every element).  Every row and every column is sampled, so a KN
+    edit (one value slot: a row or a column) and a ROME update (rank one, dense) change it; reading
+    max(rows, columns) elements per tensor keeps it cheap (no pass over all the weights)."""
+    h = hashlib.sha1()
+    samples = []
+    with torch.no_grad():
+        for tensor in tensors:
+            t = tensor.detach()
+            h.update(f"{tuple(t.shape)} {t.dtype};".encode())
+            if t.numel() == 0 or t.device.type == "meta":   # offloaded weights: their shape only
+                continue
+            rows = t.shape[0] if t.dim() >= 2 else 1
+            samples.append(t.reshape(-1)[_diagonals(rows, t.numel() // rows, t.device)].float())
+    if samples:
+        h.update(torch.cat([s.to("cpu") for s in samples]).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=256)
+def _diagonals(rows: int, cols: int, device) -> torch.Tensor:
+    """Flat indices of the wrapped diagonal and anti-diagonal of a [rows, cols] matrix."""
+    i = torch.arange(max(rows, cols))
+    r = i % rows
+    return torch.cat([r * cols + i % cols, r * cols + (cols - 1 - i) % cols]).to(device)
+
+
+def layer_dependencies(lm, layer: int) -> list[torch.Tensor]:
+    """The parameters the neuron-site activations of ``layer`` depend on: everything before the
+    site (embeddings, blocks 0..layer up to the MLP's input projection), not the layer's output
+    projection (what ROME edits), the later blocks, the final norm or an untied head."""
+    arch = lm.arch
+    after = {id(p) for block in arch.blocks[layer + 1:] for p in block.parameters()}
+    after |= {id(p) for p in arch.mlp_out[layer].parameters()}
+    embedding = {id(p) for p in arch.embed.parameters()}
+    for module in (arch.final_norm, arch.unembed):
+        if module is not None:
+            after |= {id(p) for p in module.parameters()} - embedding
+    return [p for p in lm.model.parameters() if id(p) not in after]
+
+
+def live_hooks_note(lm, what: str) -> str | None:
+    """None, or why ``what`` is not cached: forward hooks live on the model change its outputs
+    without changing a weight, so no key can say what produced the result."""
+    count = hook_count(lm.model)
+    if not count:
+        return None
+    return (f"kn_utils: {count} forward hook(s) are live on the model (ku.suppress / ku.enhance / "
+            f"ku.set_activation or a hook of your own): {what} computed now describe the hooked "
+            f"model, so they are used for this call only and neither read from nor written to the "
+            f"cache; call outside the hook's `with` block to use the cache")
+
+
 def layer_keys(lm, layer: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Neuron-site activations (ROME's keys) of ``layer``, [batch, positions, n_neurons]; the forward
     stops right after that layer's MLP nonlinearity."""
@@ -50,25 +113,44 @@ def layer_keys(lm, layer: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.T
     return keys[layer]
 
 
-def stats_path(lm, layer: int, corpus: str, n: int, sample: str = "tokens", seed: int = 0) -> Path:
-    """Where the statistics of ``layer`` over ``n`` tokens (file order) or ``n`` random texts live."""
+def stats_key(lm, layer: int) -> str:
+    """``<model_key>/<digest of the weights layer's keys depend on>``: recorded in the file."""
+    return f"{model_key(lm)}/{weights_digest(layer_dependencies(lm, layer))}"
+
+
+def _stats_name(key: str, layer: int, corpus: str, n: int, sample: str, seed: int) -> Path:
+    folder, digest = key.split("/")
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", corpus)
-    name = f"layer{layer}_{safe}_{n}.pt" if sample == "tokens" else f"layer{layer}_{safe}_{n}texts_seed{seed}.pt"
-    return cache_dir() / "stats" / model_key(lm) / name
+    name = f"layer{layer}_{safe}_{n}" if sample == "tokens" else f"layer{layer}_{safe}_{n}texts_seed{seed}"
+    return Path(folder) / f"{name}_w{digest[:12]}.pt"
 
 
-# the file's contents, keyed by (path, mtime): every edit of an evaluation run asks again
-_STATS_IN_MEMORY: dict[tuple[str, int], torch.Tensor] = {}
+def stats_path(lm, layer: int, corpus: str, n: int, sample: str = "tokens", seed: int = 0) -> Path:
+    """Where the statistics of ``layer`` over ``n`` tokens (file order) or ``n`` random texts live
+    for the weights ``lm`` has now (see :func:`stats_key`)."""
+    return cache_dir() / "stats" / _stats_name(stats_key(lm, layer), layer, corpus, n, sample, seed)
 
 
-def _read_stats(path: Path, n: int) -> torch.Tensor | None:
+# the file's contents, keyed by (path, mtime): every edit of an evaluation run asks again; statistics
+# a read-only cache could not keep are here under (their would-be path, None)
+_STATS_IN_MEMORY: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def _read_stats(path: Path, n: int, key: str) -> torch.Tensor | None:
     """The cached E[kkᵀ] at ``path``, or None (with a warning naming the file) when it is truncated,
-    garbage, of the wrong shape or not finite: the caller then recomputes and rewrites it."""
+    garbage, of the wrong shape, not finite, or recorded for another model or other weights (a file
+    copied from elsewhere): the caller then recomputes and rewrites it."""
     try:
-        mom2 = torch.load(path, map_location="cpu", weights_only=True)["mom2"]
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        mom2 = data["mom2"]
     except Exception as err:   # truncated zip, garbage pickle, a dict without "mom2" ...
         problem = f"unreadable: {type(err).__name__}"
     else:
+        if data.get("key") != key:
+            warnings.warn(f"kn_utils: covariance statistics {path} were computed for another model or "
+                          f"other weights (recorded key {data.get('key')!r}, this model's is {key!r}); "
+                          f"recomputing them", stacklevel=3)
+            return None
         if not isinstance(mom2, torch.Tensor) or not mom2.is_floating_point():
             problem = "no floating-point 'mom2' tensor"
         elif tuple(mom2.shape) != (n, n):
@@ -105,9 +187,12 @@ def layer_stats(lm, layer: int, corpus: str = "auto", n_tokens: int = 100_000, *
     (seeded by ``seed``), each truncated to ``max_length`` (default: the model's context), all their
     tokens counted.  Special tokens (BOS/CLS/SEP) and padding are not text and are left out.
 
-    Cached under ``cache_dir()/stats/<model>/layer<l>_<corpus>_<n>[texts_seed<s>].pt`` (``<model>``:
-    a fingerprint of config and weights, :func:`model_key`); a second call reads it, a damaged file
-    is recomputed.
+    Cached under ``cache_dir()/stats/<model>/layer<l>_<corpus>_<n>[texts_seed<s>]_w<digest>.pt``
+    (``<model>``: a fingerprint of config and weights, :func:`model_key`; ``<digest>``: of the weights
+    the layer's keys depend on, :func:`stats_key`, also recorded in the file and checked on read); a
+    second call reads it, a damaged file or one recorded for other weights is recomputed.  Not
+    cached while forward hooks are live on the model (with a warning); a read-only cache keeps new
+    statistics in memory (with a warning).
     """
     from ...data.text import resolve_corpus
 
@@ -123,16 +208,24 @@ def layer_stats(lm, layer: int, corpus: str = "auto", n_tokens: int = 100_000, *
     if lm.arch.max_positions is not None:
         max_length = min(max_length, lm.arch.max_positions)
     corpus = resolve_corpus(corpus, data_dir)
-    path = stats_path(lm, layer, corpus, count, "texts" if by_texts else "tokens", seed)
     n = lm.arch.n_neurons
-    if path.exists() and not recompute:
-        key = (str(path), path.stat().st_mtime_ns)   # the mtime marks a rewrite
-        if key not in _STATS_IN_MEMORY:
-            mom2 = _read_stats(path, n)
-            if mom2 is not None:
-                _STATS_IN_MEMORY[key] = mom2
-        if key in _STATS_IN_MEMORY:
-            return _STATS_IN_MEMORY[key]
+    hooked = live_hooks_note(lm, "covariance statistics")
+    if hooked:
+        warnings.warn(hooked, UserWarning, stacklevel=2)
+    key = stats_key(lm, layer)
+    name = _stats_name(key, layer, corpus, count, "texts" if by_texts else "tokens", seed)
+    path = _cache_root() / "stats" / name
+    if not hooked and not recompute:
+        if path.exists():
+            found = (str(path), path.stat().st_mtime_ns)   # the mtime marks a rewrite
+            if found not in _STATS_IN_MEMORY:
+                mom2 = _read_stats(path, n, key)
+                if mom2 is not None:
+                    _STATS_IN_MEMORY[found] = mom2
+            if found in _STATS_IN_MEMORY:
+                return _STATS_IN_MEMORY[found]
+        elif (str(path), None) in _STATS_IN_MEMORY:
+            return _STATS_IN_MEMORY[str(path), None]
 
     texts = _corpus_texts(corpus, data_dir)
     if by_texts:
@@ -183,16 +276,44 @@ def layer_stats(lm, layer: int, corpus: str = "auto", n_tokens: int = 100_000, *
     if not bool(torch.isfinite(mom2).all()):
         raise ValueError(f"the key statistics of layer {layer} hold NaN or inf: the model's activations "
                          f"overflow or its weights are not finite (dtype {lm.dtype}); nothing was cached")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob(f"{path.name}.*.tmp"):   # left by a writer killed mid-write
-        pid = old.name[len(path.name) + 1:-len(".tmp")]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            old.unlink(missing_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")   # one per writer: concurrent runs
-    torch.save({"mom2": mom2, "count": seen, "texts": len(texts) if by_texts else None, "corpus": corpus,
-                "layer": layer, "model": str(lm.name)}, tmp)
-    tmp.replace(path)
+    if not hooked:
+        _write_stats(path, {"mom2": mom2, "count": seen, "texts": len(texts) if by_texts else None,
+                            "corpus": corpus, "layer": layer, "model": str(lm.name), "key": key})
     return mom2
+
+
+def _cache_root() -> Path:
+    """``cache_dir()``, or where it would be when it cannot be created (read-only parent): the
+    statistics then live in memory (see :func:`_write_stats`)."""
+    try:
+        return cache_dir()
+    except OSError:
+        return Path(env(CACHE_ENV) or os.path.join("~", ".cache", "kn_utils")).expanduser()
+
+
+def _write_stats(path: Path, payload: dict) -> None:
+    """Write through a temporary file renamed over ``path`` (a reader never sees half a file); a
+    place that cannot be written (read-only cache) keeps them in memory for this process, with a
+    warning naming the folder."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob(f"{path.name}.*.tmp"):   # left by a writer killed mid-write
+            pid = old.name[len(path.name) + 1:-len(".tmp")]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                old.unlink(missing_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")   # one per writer: concurrent runs
+        try:
+            with open(tmp, "wb") as fh:   # an OSError here, not torch's RuntimeError, when unwritable
+                torch.save(payload, fh)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as err:
+        _STATS_IN_MEMORY[str(path), None] = payload["mom2"]
+        warnings.warn(f"kn_utils: cannot write covariance statistics under {path.parent} "
+                      f"({err.strerror or err}); keeping them in memory for this process only (make "
+                      f"the cache folder writable, or point KN_UTILS_CACHE at a writable folder)",
+                      UserWarning, stacklevel=3)
 
 
 class SecondMoment:

@@ -1,0 +1,283 @@
+"""kn_utils.store and the runner over it: resume, kills, time budgets, render-only, subset and
+concurrent runs, version bumps, shards and torchrun give the single-process numbers."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kn_utils import reproduce
+from kn_utils.store import Store, clean
+
+from tiny_models import save_tiny
+
+pytestmark = pytest.mark.filterwarnings("ignore::kn_utils.data.BuiltinDataWarning")
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_CACHE = os.environ.get("KN_UTILS_CACHE")   # subprocesses build tiny models from the real cache
+FAST = ["blimp", "dai", "table9"]      # the quickest units on a tiny model
+
+
+@pytest.fixture
+def builtin_only(monkeypatch, tmp_path_factory, tiny):
+    tiny("llama")   # built first: its tokenizer comes from the model cache, not the empty one below
+    monkeypatch.delenv("KN_DATA_DIR", raising=False)
+    monkeypatch.setenv("KN_SHARED_DATA", "0")
+    monkeypatch.setenv("KN_UTILS_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count compute calls per unit (the real compute runs)."""
+    calls = {}
+    for name, unit in reproduce.UNITS.items():
+        def wrap(ctx, item, _real=unit.compute, _name=name):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(ctx, item)
+        monkeypatch.setattr(unit, "compute", wrap)
+    return calls
+
+
+def _results(folder, unit):
+    """{item: result} of the records the report uses (the plan's key)."""
+    store = Store(folder)
+    return {k: r["result"] for k, r in store.records(unit, store.plan(unit)["key"]).items()}
+
+
+def _without_run_columns(df):
+    return df.drop(columns=[c for c in ("worker", "seconds") if c in df])
+
+
+def _report_body(path):
+    """REPORT.md without the lines that name the run (date, compute time, workers)."""
+    skip = ("- rendered:", "- total compute time", "| [", "Items ")
+    return [ln for ln in Path(path).read_text().splitlines() if not ln.startswith(skip)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the store itself
+# ---------------------------------------------------------------------------------------------
+def test_records_union_skips_a_half_written_line_and_keeps_the_earlier_duplicate(tmp_path):
+    store = Store(tmp_path)
+    base = {"key": "k", "model": "m", "unit": "blimp", "version": 1, "seconds": 1.0, "commit": "c", "device": "cpu"}
+    store.append({**base, "item": "a", "result": {"x": 1.0}, "worker": {"pid": 1}, "created": "2026-01-01T00:00:01Z"})
+    store.close()
+    folder = tmp_path / "records" / "blimp"
+    (folder / "other-r0-2.jsonl").write_text(
+        json.dumps({**base, "item": "a", "result": {"x": 2.0}, "worker": {"pid": 2}, "created": "2026-01-01T00:00:00Z"})
+        + "\n" + json.dumps({**base, "item": "b", "result": {"x": 3.0}})[:40])   # killed mid-line
+    recs = store.records("blimp", "k")
+    assert set(recs) == {"a"} and recs["a"]["result"] == {"x": 2.0}
+    assert store.records("blimp", "other-key") == {}
+    # a new writer that reuses the file of a killed process starts on a fresh line
+    path = folder / "other-r0-2.jsonl"
+    with open(path, "ab") as fh:
+        fh.write(b'{"half')
+    import socket
+
+    shutil.copy(path, folder / f"{socket.gethostname()}-r0-{os.getpid()}.jsonl")   # as if our pid's
+    store2 = Store(tmp_path)
+    store2.append({**base, "item": "c", "result": {"x": 4.0}, "worker": {"pid": 3}, "created": "2026-01-01T00:00:02Z"})
+    store2.close()
+    assert set(Store(tmp_path).records("blimp", "k")) == {"a", "c"}
+
+
+def test_clean_rounds_floats_and_converts_numpy():
+    import numpy as np
+
+    out = clean({"a": np.float32(1 / 3), "b": [np.int64(2), np.bool_(True)], "c": float("nan"), "d": (1.23456789012345,)})
+    assert out["a"] == pytest.approx(1 / 3, rel=1e-7) and out["b"] == [2, True] and out["d"] == [1.23456789]
+    assert json.loads(json.dumps(out))["b"] == [2, True]
+
+
+# ---------------------------------------------------------------------------------------------
+# the runner
+# ---------------------------------------------------------------------------------------------
+def test_resume_computes_nothing_the_second_time(tiny, tmp_path, builtin_only, counted):
+    lm = tiny("llama")
+    first = reproduce.reproduce(lm, "smoke", tmp_path, sections=FAST)
+    n_first = dict(counted)
+    assert first.computed == sum(n_first.values()) > 0
+    counted.clear()
+    second = reproduce.reproduce(lm, "smoke", tmp_path, sections=FAST)
+    assert counted == {} and second.computed == 0
+    assert _report_body(first.path) == _report_body(second.path)
+    # another size that changes results is another key: computed afresh
+    third = reproduce.reproduce(lm, "smoke", tmp_path, sections=["blimp"], sizes={"blimp_n": 5})
+    assert counted == {"blimp": third.computed} and third.computed == first.meta["sections"]["blimp"]["n_planned"]
+
+
+def test_unit_version_bump_recomputes(tiny, tmp_path, builtin_only, counted, monkeypatch):
+    lm = tiny("llama")
+    reproduce.reproduce(lm, "smoke", tmp_path, sections=["blimp"])
+    planned = counted["blimp"]
+    counted.clear()
+    monkeypatch.setattr(reproduce.UNITS["blimp"], "VERSION", reproduce.UNITS["blimp"].VERSION + 1)
+    rep = reproduce.reproduce(lm, "smoke", tmp_path, sections=["blimp"])
+    assert counted == {"blimp": planned} and rep.meta["sections"]["blimp"]["n_done"] == planned
+
+
+def test_time_budget_stops_cleanly_and_marks_the_report_incomplete(tiny, tmp_path, builtin_only, monkeypatch):
+    real = reproduce.UNITS["blimp"].compute
+
+    def slow(ctx, item):
+        time.sleep(0.4)
+        return real(ctx, item)
+
+    monkeypatch.setattr(reproduce.UNITS["blimp"], "compute", slow)
+    rep = reproduce.reproduce(tiny("llama"), "smoke", tmp_path, sections=["blimp", "dai"], time_budget=1.5)
+    st = rep.meta["sections"]
+    assert rep.stopped and rep.incomplete and rep.failed == []
+    assert 0 < st["blimp"]["n_done"] < st["blimp"]["n_planned"]
+    text = rep.path.read_text()
+    assert "**Incomplete**" in text
+    assert f"Items {st['blimp']['n_done']} done / {st['blimp']['n_planned']} planned" in text
+    # the next run continues where this one stopped
+    rep2 = reproduce.reproduce(tiny("llama"), "smoke", tmp_path, sections=["blimp", "dai"])
+    assert st["dai"]["n_done"] == 0 and st["dai"]["n_planned"] > 0   # planned, so the report says n done / planned
+    assert rep2.computed == sum(s["n_planned"] - s["n_done"] for s in st.values()) and not rep2.incomplete
+
+
+def test_time_budget_on_the_command_line_exits_0(tmp_path, builtin_only, monkeypatch):
+    from kn_utils.cli import main
+
+    folder = tmp_path / "model"
+    save_tiny("llama", folder)
+    real = reproduce.UNITS["blimp"].compute
+    monkeypatch.setattr(reproduce.UNITS["blimp"], "compute", lambda ctx, item: time.sleep(0.3) or real(ctx, item))
+    out = tmp_path / "r"
+    assert main(["reproduce", "--model", str(folder), "--scale", "smoke", "--sections", "blimp", "--out", str(out),
+                 "--device", "cpu", "--time-budget", "0.5"]) == 0
+    assert json.loads((out / "report.json").read_text())["incomplete"]
+
+
+def test_render_only_equals_the_run_and_subset_runs_keep_other_sections(tiny, tmp_path, builtin_only):
+    lm = tiny("llama")
+    reproduce.reproduce(lm, "smoke", tmp_path, sections=["blimp"])
+    rep = reproduce.reproduce(lm, "smoke", tmp_path, sections=["dai"])
+    text = rep.path.read_text()
+    assert reproduce.TITLES["blimp"] in text and reproduce.TITLES["dai"] in text   # blimp kept
+    head = pd.read_csv(tmp_path / "headline.csv")
+    assert head.result.str.startswith("BLiMP").any() and head.result.str.startswith("Dai").any()
+    csvs = {p.name: p.read_text() for p in tmp_path.glob("*.csv")}
+    for p in tmp_path.glob("*.csv"):
+        p.unlink()
+    (tmp_path / "REPORT.md").unlink()
+    again = reproduce.render_report(tmp_path)
+    assert {p.name: p.read_text() for p in tmp_path.glob("*.csv")} == csvs
+    body = [ln for ln in again.path.read_text().splitlines() if not ln.startswith("- rendered:")]
+    assert body == [ln for ln in text.splitlines() if not ln.startswith("- rendered:")]
+
+
+def _script(tmp_path, body) -> Path:
+    path = tmp_path / "run.py"
+    path.write_text(textwrap.dedent(f"""
+        import sys, time, warnings
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+        warnings.filterwarnings("ignore")
+        from tiny_models import tiny_lm
+        from kn_utils import reproduce
+        lm = tiny_lm("llama")
+    """) + textwrap.dedent(body))
+    return path
+
+
+def _env():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("KN_UTILS_CACHE", None)
+    if MODEL_CACHE:
+        env["KN_UTILS_CACHE"] = MODEL_CACHE
+    return env
+
+
+def test_sigkill_mid_run_loses_only_the_item_in_progress(tiny, tmp_path, builtin_only, counted):
+    out = tmp_path / "r"
+    script = _script(tmp_path, f"""
+        real = reproduce.UNITS["blimp"].compute
+        def slow(ctx, item):
+            time.sleep(0.5)
+            return real(ctx, item)
+        reproduce.UNITS["blimp"].compute = slow
+        reproduce.reproduce(lm, "smoke", {str(out)!r}, sections=["blimp"])
+    """)
+    proc = subprocess.Popen([sys.executable, str(script)], env=_env(), cwd=ROOT)
+    folder = out / "records" / "blimp"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        files = list(folder.glob("*.jsonl")) if folder.exists() else []
+        if files and sum(f.read_bytes().count(b"\n") for f in files) >= 3:
+            break
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    kept = set(Store(out).records("blimp"))
+    assert len(kept) >= 3 and not (out / "REPORT.md").exists()
+    rep = reproduce.reproduce(tiny("llama"), "smoke", out, sections=["blimp"])
+    planned = rep.meta["sections"]["blimp"]["n_planned"]
+    assert counted["blimp"] == planned - len(kept)      # nothing finished was computed again
+    assert rep.meta["sections"]["blimp"]["n_done"] == planned and not rep.incomplete
+
+
+@pytest.mark.slow   # two fresh processes: ~50 s on the shared 2-core box
+def test_two_concurrent_runs_into_one_folder_both_end_up_in_the_report(tmp_path, builtin_only):
+    out = tmp_path / "r"
+    procs = []
+    for section in ("blimp", "dai"):
+        (tmp_path / section).mkdir()
+        script = _script(tmp_path / section, f"""
+            reproduce.reproduce(lm, "smoke", {str(out)!r}, sections=[{section!r}])
+        """)
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=_env(), cwd=ROOT))
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    text = (out / "REPORT.md").read_text()
+    assert reproduce.TITLES["blimp"] in text and reproduce.TITLES["dai"] in text
+    head = pd.read_csv(out / "headline.csv")
+    assert head.result.str.startswith("BLiMP").any() and head.result.str.startswith("Dai").any()
+
+
+def _assert_same_results(a, b, units):
+    for unit in units:
+        ra, rb = _results(a, unit), _results(b, unit)
+        assert ra == rb and ra, unit
+    for csv in Path(b).glob("*.csv"):
+        x, y = pd.read_csv(Path(a) / csv.name), pd.read_csv(csv)
+        pd.testing.assert_frame_equal(_without_run_columns(x), _without_run_columns(y), check_exact=False, rtol=1e-9)
+
+
+def test_two_shards_merged_equal_one_process_item_for_item(tiny, tmp_path, builtin_only):
+    lm = tiny("llama")
+    units = ["blimp", "dai", "table9", "fig6b", "table8"]
+    single = reproduce.reproduce(lm, "smoke", tmp_path / "one", sections=units)
+    a = reproduce.reproduce(lm, "smoke", tmp_path / "two", sections=units, shard="0/2")
+    assert a.incomplete            # half the items so far
+    b = reproduce.reproduce(lm, "smoke", tmp_path / "two", sections=units, shard=(1, 2))
+    assert not b.incomplete and a.computed + b.computed == single.computed
+    _assert_same_results(tmp_path / "one", tmp_path / "two", units)
+    # strided: shard 0 computed the plan's items 0, 2, 4, ...
+    plan = Store(tmp_path / "two").plan("blimp")["items"]
+    assert a.meta["sections"]["blimp"]["n_done"] == len(plan[0::2])
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_equal_one_process(tmp_path, builtin_only):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun is not installed")
+    model = tmp_path / "model"
+    save_tiny("llama", model)
+    args = ["-m", "kn_utils", "reproduce", "--model", str(model), "--scale", "smoke", "--device", "cpu",
+            "--sections", "blimp", "dai", "table9"]
+    env = {**_env(), "KN_UTILS_CACHE": os.environ["KN_UTILS_CACHE"]}
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env, cwd=ROOT, check=True)
+    subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", *args, "--out", str(tmp_path / "two")],
+                   env=env, cwd=ROOT, check=True, timeout=600)
+    _assert_same_results(tmp_path / "one", tmp_path / "two", ["blimp", "dai", "table9"])
+    ranks = {r["worker"]["rank"] for r in Store(tmp_path / "two").records("blimp").values()}
+    assert ranks == {0, 1}
