@@ -8,10 +8,11 @@ or ``python -m kn_utils reproduce --model default --scale report`` (``make repro
 
 Each unit plans its items; only the items without a record (same model fingerprint, unit version
 and settings) are computed, one record each, durable as soon as it is written (:mod:`kn_utils.store`).
-So a run resumes where a killed one stopped, ``time_budget`` stops cleanly after the item in
-progress, ``shard=(k, n)`` (or ``torchrun``'s RANK / WORLD_SIZE) computes every n-th item, and the
-report is rendered, under a lock, from all records of every unit in the folder (a run of one
-section never removes another).  ``render_report(out)`` re-renders without a model.
+So a run resumes where a killed one stopped, ``time_budget`` stops cleanly after the item (or
+the batch of a unit with ``compute_batch``) in progress, ``shard=(k, n)`` (or ``torchrun``'s RANK /
+WORLD_SIZE) computes every n-th item, and the report is rendered, under a lock, from all records
+of every unit in the folder (a run of one section never removes another).  ``render_report(out)``
+re-renders without a model.
 
 A unit that raises does not stop the others: its error is written into REPORT.md in place of its
 results and :attr:`Report.failed` lists it (the command exits with status 1).  Scales

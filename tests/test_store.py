@@ -295,6 +295,7 @@ def test_batched_table1_rome_items_equal_item_by_item(tiny, tmp_path, builtin_on
     """Table 1's ROME items computed BATCH at a time (one rome_compute call per relation in a
     batch) give the records of the one-item path, item for item; a batch spans relations and KN."""
     from kn_utils.editing.rome import compute as rome_compute_module
+    from kn_utils.evaluation import evaluate_edits
 
     lm = tiny("llama")
     table1 = reproduce.UNITS["table1"]
@@ -323,3 +324,5 @@ def test_batched_table1_rome_items_equal_item_by_item(tiny, tmp_path, builtin_on
     sizes_seen = {r["batch"] for r in recs.values()}
     assert sizes_seen <= {1, 2, 3, 4} and max(sizes_seen) == 4, sizes_seen
     assert all("batch" not in r for r in Store(tmp_path / "one").records("table1").values())
+    with pytest.raises(ValueError, match="batch_rome=True is for editor='rome' only"):
+        evaluate_edits(lm, "kn", "P36", n=2, batch_rome=True)
