@@ -226,7 +226,8 @@ def reproduce(lm, scale: str = "smoke", out=None, *, sections=None, data_dir=Non
             mine = [it for it in items[k::n] if it["id"] not in done]
             t_unit = time.perf_counter()
             # a unit with compute_batch computes BATCH items at a time: a batch is the unit of work
-            size = max(1, int(getattr(unit, "BATCH", 1))) if hasattr(unit, "compute_batch") else 1
+            size = getattr(unit, "BATCH", 1) if hasattr(unit, "compute_batch") else 1
+            size = max(1, int(size(ctx) if callable(size) else size))
             bar = tqdm(total=len(mine), desc=f"{name} (shard {k}/{n})", disable=not progress)
             for batch in (mine[b:b + size] for b in range(0, len(mine), size)):
                 if stopped or (deadline is not None and time.perf_counter() >= deadline):

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -300,6 +301,7 @@ def test_batched_table1_rome_items_equal_item_by_item(tiny, tmp_path, builtin_on
     lm = tiny("llama")
     table1 = reproduce.UNITS["table1"]
     sizes = {"rome_n": 3, "kn_n": 1, "rome_steps": 6}
+    assert table1.BATCH(SimpleNamespace(lm=lm)) == 1    # on a CPU: item by item (measured faster)
     monkeypatch.setattr(table1, "BATCH", 1)         # the runner then calls compute item by item
     one = reproduce.reproduce(lm, "smoke", tmp_path / "one", sections=["table1"], sizes=sizes)
     batches = []

@@ -56,8 +56,11 @@ def compute(ctx, item):
     return _result(item, df)
 
 
-# ROME items of one relation are computed BATCH at a time (the v* of their requests in one batch)
-BATCH = 6
+def BATCH(ctx):  # noqa: N802 (the unit attribute the runner reads: an int or a function of ctx)
+    """ROME items computed at a time by :func:`compute_batch`: 6 on an accelerator, where a forward
+    of several requests' rows costs about one's; 1 on a CPU, where one thread does the same FLOPs
+    either way and a batch measured slower (x0.87-0.92, benchmarks/RESULTS.md)."""
+    return 1 if str(getattr(ctx.lm, "device", "cpu")).startswith("cpu") else 6
 
 
 def compute_batch(ctx, items):
