@@ -317,7 +317,12 @@ def test_counterfact_section_with_the_data(tiny, tmp_path, data_dir):
     # the setting differs from ROME's published numbers, and the report says how
     assert "covariance off" in rep.path.read_text()
     head = pd.read_csv(tmp_path / "headline.csv")
-    assert head[head.result.str.startswith("CounterFact")].paper_setting.str.contains("covariance on").all()
+    cf = head[head.result.str.startswith("CounterFact")]
+    assert cf[cf.paper.notna()].paper_setting.str.contains("covariance on").all()
+    # before -> after on the same records, with a verdict computed by a rule
+    paired = pd.read_csv(tmp_path / "counterfact_paired.csv")
+    assert {"before", "after", "diff", "diff_lo", "diff_hi", "good_to_bad", "bad_to_good", "verdict"} <= set(paired.columns)
+    assert "verdict: " in rep.path.read_text() and "n = 7,500" not in rep.path.read_text()
 
 
 @pytest.mark.slow

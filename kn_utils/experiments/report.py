@@ -16,7 +16,7 @@ from . import UNITS
 from .common import Section, atomic_csv, atomic_write_text, markdown_table
 
 # the order of headline.csv's rows (as before the units)
-HEADLINE_ORDER = ("table1", "counterfact", "dai", "blimp", "fig6b", "table8", "table9", "tracing")
+HEADLINE_ORDER = ("table1", "counterfact", "dai", "blimp", "fig6b", "table8", "table9", "syntax", "tracing")
 HEADLINE_COLUMNS = ["result", "ours", "ci_lo", "ci_hi", "n", "paper", "paper_setting"]
 META_FILE = "report.json"
 
@@ -48,6 +48,9 @@ def build_sections(out) -> tuple[list[Section], list[dict], dict]:
     store, sections, used, plans = Store(out), [], [], {}
     for key in UNITS:
         plan = store.plan(key)
+        derived = getattr(UNITS[key], "DERIVED", ())
+        if plan is None and derived and all(store.plan(d) is not None for d in derived):
+            plan = UNITS[key].derived_plan({d: store.plan(d) for d in derived})
         if plan is None:
             continue
         plans[key] = plan
