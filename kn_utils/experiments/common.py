@@ -51,6 +51,7 @@ class Section:
     error: str | None = None
     skipped: str | None = None
     status: dict = field(default_factory=dict)      # n_done, n_planned, n_minimum, below_minimum
+    csv_only: tuple = ()                            # tables written as CSV but not shown in REPORT.md
 
 
 class Context:

@@ -164,6 +164,12 @@ def summarise(records, plan, sec, out):
     table = pd.DataFrame(rows)
     rt = paper.ROME_TRACING
     sec.tables["summary"] = table
+    sec.csv_only = ("summary",)     # one wide row per set: the long "peaks" table is the one shown
+    sec.tables["peaks"] = pd.DataFrame(
+        [{"items": name, "kind": kind, "token class": CLASSES[short], "layer": p["layer"], "aie %": 100 * p["aie"],
+          "lo": 100 * p["lo"], "hi": 100 * p["hi"], "n": p["n"], "relative": p["relative"], "rel_lo": p["rel_lo"],
+          "rel_hi": p["rel_hi"], "interval": "t over items"}
+         for name, pk in peaks.items() for (kind, short), p in pk.items()])
     sec.tables["paper"] = pd.DataFrame([{**rt, "source": paper.TRACING_SOURCE}])
     for name, df in tables.items():
         sec.tables[f"aie_{name}"] = df
