@@ -41,18 +41,28 @@ model: install
 	$(PY) -c "from kn_utils import models, registry; print(models.convert_gguf(registry.gemma_gguf_path()))"
 
 # Executes both notebooks IN PLACE (the committed copies are the executed ones) with their own
-# defaults.  NB_PARAMS overrides parameters (papermill's -p); the copies then go to NB_OUT (default
-# results/), so the committed ones keep the defaults' outputs:
+# defaults; each notebook is replaced only when all its cells ran (an interrupted run leaves it as it
+# was; a failed one leaves <name>.failed.ipynb beside it).  Committed figures change only here.
+# NB_PARAMS overrides parameters (papermill's -p; unknown names or values of another type than the
+# default are refused before any cell runs); the copies then go to NB_OUT (default results/), so the
+# committed ones keep the defaults' outputs:
 #   make notebooks NB_PARAMS="-p MODEL gemma-3-270m -p N_PROMPTS 20"
 NB_PARAMS ?=
 NB_OUT ?= $(if $(NB_PARAMS),results,)
 notebooks: model
 	$(PY) -m kn_utils.notebooks $(NB_PARAMS) $(if $(NB_OUT),--out $(NB_OUT),) localise_kn.ipynb ct_rome.ipynb
 
-# JupyterLab in the project's venv; open a notebook and pick the kernel "kn_utils (.venv)"
-LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)  # jupyter refuses root without it (containers)
+# JupyterLab in the project's venv; open a notebook and pick the kernel "kn_utils (.venv)".
+# LAB_ARGS: options for `jupyter lab`, e.g. on a server reached through an SSH tunnel
+#   make lab LAB_ARGS="--no-browser --port 8890"          (then ssh -L 8890:localhost:8890 host)
+#   make lab LAB_ARGS="--no-browser --ip 0.0.0.0"         (listen on every interface; mind the token)
+# LAB_ROOT_ARGS: added when run as root (jupyter refuses root without --allow-root, e.g. in containers);
+# kept apart from LAB_ARGS so that overriding LAB_ARGS does not drop it.  LAB_ROOT_ARGS= turns it off.
+# "Your prompt" results go to results/<model>/your_prompt/ (git-ignored), never to tracked files.
+LAB_ARGS ?=
+LAB_ROOT_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: install
-	$(VENV)/bin/jupyter lab $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab $(LAB_ROOT_ARGS) $(LAB_ARGS)
 
 demo: model
 	$(PY) -m kn_utils demo

@@ -15,12 +15,13 @@ from .scoring import Score, predict, score_targets, target_log_probs, target_pro
 from .attribution import (KNResult, attribution_maps, coarse_neurons, find_knowledge_neurons,
                           integrated_gradients, layer_distribution, r2_similarity)
 from .editing.kn import KNEdit, intervention_summary, kn_edit, kn_erase, measure_intervention
-from .editing.rome import ROMEEdit, ROMEHyperParams, layer_stats, rome_edit
+from .editing.rome import (ROMEEdit, ROMEHyperParams, ROMEUpdate, apply_rome, layer_stats, rome_compute,
+                           rome_edit)
 from .evaluation import evaluate_edits, summarize_edits
 from .data.pararel import Bag, causal_prompts, load_bags
 
-from .tracing import (TraceResult, aggregate_traces, average_indirect_effect, causal_trace, filter_known,
-                      noise_level, restored_score)
+from .tracing import (TraceResult, aggregate_traces, average_indirect_effect, average_indirect_effects,
+                      causal_trace, causal_traces, filter_known, noise_level, restored_score)
 from .data.counterfact import load_counterfact, load_known_facts
 
 from .data.blimp import expand_templates, load_paradigm, minimal_pairs

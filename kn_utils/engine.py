@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,8 @@ from .hooks import HookSet, modify
 
 __all__ = ["Widening", "forward", "accepts", "batch_widener", "widen_rows", "narrow_logits", "read_logits",
            "prefix_cache", "widen_cache", "layered_cache", "cache_kwarg", "returned_cache",
-           "cache_args", "default_rows", "row_bytes", "use_prefix_cache", "joins_after_block"]
+           "cache_args", "default_rows", "row_bytes", "use_prefix_cache", "joins_after_block",
+           "keep_block_output", "replay_blocks"]
 
 
 # ----------------------------------------------------------------------------- KV caches
@@ -273,6 +275,48 @@ def forward(lm, input_ids: torch.Tensor, read: int, *, past=None, attention_mask
                                **cache_args(lm, past, attention_mask))
     finally:
         hooks.remove()
+
+
+# ----------------------------------------------------------------------------- starting at a block
+
+@contextmanager
+def keep_block_output(lm, layer: int):
+    """Yield a dict whose ``"output"`` becomes what block ``layer`` returned in the body's forward
+    (detached, as the block returned it: a tensor or a tuple), for :func:`replay_blocks`."""
+    kept = {}
+
+    def keep(module, args, output):
+        kept["output"] = output.detach() if torch.is_tensor(output) else \
+            tuple(o.detach() if torch.is_tensor(o) else o for o in output)
+    hooks = HookSet()
+    try:
+        hooks.add(lm.arch.blocks[layer], keep, pre=False)
+        yield kept
+    finally:
+        hooks.remove()
+
+
+@contextmanager
+def replay_blocks(lm, below: int, output):
+    """Forwards in the body skip blocks 0 .. ``below`` - 1: each returns ``output``, what block
+    ``below`` - 1 returned in an earlier forward of the same inputs (:func:`keep_block_output`).
+
+    Exact whenever nothing below block ``below`` differs from that forward: the model still
+    embeds, builds its masks and position embeddings and hands them to the blocks from ``below``
+    on; the skipped blocks' input is dropped and their KV-cache layers are left as they are.
+    The blocks' ``forward`` is shadowed on the instance (hooks on them still run), and restored.
+    """
+    blocks = lm.arch.blocks[:below]
+    shadowed = [block.__dict__.get("forward") for block in blocks]   # an instance's own, if any
+    try:
+        for block in blocks:
+            block.forward = lambda *args, **kwargs: output
+        yield
+    finally:
+        for block, own in zip(blocks, shadowed):
+            block.__dict__.pop("forward", None)
+            if own is not None:
+                block.forward = own
 
 
 # ----------------------------------------------------------------------------- batch sizes

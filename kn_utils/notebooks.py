@@ -7,6 +7,11 @@ cell papermill injects after it:
     python -m kn_utils.notebooks localise_kn.ipynb ct_rome.ipynb               # in place, defaults
     make notebooks                                                              # the same
     python -m kn_utils.notebooks -p MODEL gemma-3-270m -p N_PROMPTS 20 --out results localise_kn.ipynb
+
+A ``-p`` name the notebook does not have, or a value of another type than the default's ("abc" for
+an int), is refused before any cell runs (exit status 2).  Each executed notebook is written to a
+temporary file and renamed over the target only when every cell ran: an interrupted run leaves the
+old notebook; a failed one leaves it too, with the failed copy as ``<name>.failed.ipynb`` beside it.
 """
 from __future__ import annotations
 
@@ -62,6 +67,42 @@ def default_parameters(path) -> dict:
     return _assignments(parameter_cell(nbformat.read(Path(path), as_version=4)).source)
 
 
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def _fits(default, value) -> bool:
+    """Whether ``value`` may replace ``default``: the same kind of literal (an int for a float is
+    fine, a bool is not an int); a default of None takes anything."""
+    if default is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def check_parameters(nb, parameters: dict | None, where: str = "the notebook") -> dict:
+    """Refuse overrides that would fail (or mislead) only once a cell uses them: unknown names and
+    values of another type than the default's ("abc" for an int).  One ValueError names every
+    problem; returns the defaults."""
+    known = _assignments(parameter_cell(nb).source)
+    problems = []
+    unknown = sorted(set(parameters or {}) - set(known))
+    if unknown:
+        problems.append(f"unknown parameters {unknown} for {where}; it has {sorted(known)}")
+    for name, value in (parameters or {}).items():
+        if name in known and not _fits(known[name], value):
+            problems.append(f"parameter {name} of {where} must be of type {_type_name(known[name])} like "
+                            f"its default {known[name]!r}, got {value!r} ({_type_name(value)})")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return known
+
+
 def _kernel(nb, kernel):
     """The notebook's own kernel (``make lab`` / ``make install`` register it) when installed, else
     the Python running this (so a plain checkout, e.g. on CI before ``make``, still runs)."""
@@ -91,10 +132,7 @@ def run_notebook(path, out=None, *, parameters: dict | None = None, env: dict | 
     if not path.is_file():
         raise FileNotFoundError(f"notebook not found: {path}")
     nb = nbformat.read(path, as_version=4)
-    known = _assignments(parameter_cell(nb).source)
-    unknown = sorted(set(parameters or {}) - set(known))
-    if unknown:
-        raise ValueError(f"unknown parameters {unknown} for {path.name}; it has {sorted(known)}")
+    check_parameters(nb, parameters, path.name)
     nb.cells = [c for c in nb.cells if INJECTED_TAG not in _tags(c)]
     out = Path(out) if out else path
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,12 +142,24 @@ def run_notebook(path, out=None, *, parameters: dict | None = None, env: dict | 
             os.environ.pop(k, None)
         else:
             os.environ[k] = str(v)
+    # papermill writes its output cell by cell: it writes to a temporary file beside ``out``, which
+    # replaces ``out`` only once every cell ran, so an interrupted or failed run never leaves a
+    # half-executed notebook in place of the old one
+    partial = out.with_name(f".{out.stem}.{os.getpid()}.partial.ipynb")
     start = time.perf_counter()
     try:
-        nb = papermill.execute_notebook(nb, str(out), parameters=dict(parameters or {}),
+        nb = papermill.execute_notebook(nb, str(partial), parameters=dict(parameters or {}),
                                         kernel_name=_kernel(nb, kernel), cwd=str(path.parent.resolve()),
                                         progress_bar=False, execution_timeout=timeout)
+    except papermill.PapermillExecutionError as err:
+        # the executed copy with its traceback, beside the untouched notebook
+        failed = out.with_name(f"{out.stem}.failed.ipynb")
+        if partial.exists():
+            os.replace(partial, failed)
+            err.failed_copy = failed
+        raise
     finally:
+        partial.unlink(missing_ok=True)
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -119,7 +169,12 @@ def run_notebook(path, out=None, *, parameters: dict | None = None, env: dict | 
     # papermill records the whole input notebook (it was given one, not a path) and absolute paths:
     # keep the file names only, so the stored copies stay small and free of this machine's paths
     nb.metadata.setdefault("papermill", {}).update(input_path=path.name, output_path=out.name)
-    nbformat.write(nb, out)
+    try:
+        nbformat.write(nb, partial)
+        os.replace(partial, out)
+        out.with_name(f"{out.stem}.failed.ipynb").unlink(missing_ok=True)  # an earlier failure's copy
+    finally:
+        partial.unlink(missing_ok=True)
     return nb, seconds
 
 
@@ -159,9 +214,24 @@ def main(argv=None) -> int:
     if params and not args.out:
         parser.error("parameters given: pass --out DIR for the executed copies (the notebooks in the "
                      "repository keep the outputs of their own defaults)")
+    import nbformat
+
+    # every notebook's parameters are checked before the first cell of the first notebook runs
+    for path in args.notebooks:
+        try:
+            check_parameters(nbformat.read(path, as_version=4), params, path.name)
+        except (OSError, ValueError) as err:
+            parser.error(f"{path}: {err}")
+    import papermill
+
     for path in args.notebooks:
         out = args.out / path.name if args.out else path
-        nb, secs = run_notebook(path, out, parameters=params, timeout=args.timeout)
+        try:
+            nb, secs = run_notebook(path, out, parameters=params, timeout=args.timeout)
+        except papermill.PapermillExecutionError as err:
+            where = getattr(err, "failed_copy", None)
+            raise SystemExit(f"{path}: {err.ename}: {err.evalue} (cell {err.exec_count}); {out} is "
+                             f"unchanged" + (f", the failed run is in {where}" if where else "")) from None
         print(f"{path}: executed in {secs:.0f} s -> {out}", flush=True)
         errors = error_outputs(nb)
         if errors:

@@ -52,8 +52,9 @@ def test_knowledge_neurons_match_the_direct_search(tiny):
     maps = ku.attribution_maps(lm, PROMPTS, ["Paris"] * 3, steps=3, progress=False)
     for row in kns.table.itertuples():
         n = (row.layer, row.neuron)
-        assert row._4 == sum(n in coarse_neurons(m, threshold=0.1) for m in maps)  # "coarse in prompts"
-        assert row._5 == pytest.approx(float(maps[:, row.layer, row.neuron].mean()), rel=1e-4, abs=1e-7)
+        assert row.status == "KN"
+        assert row._5 == sum(n in coarse_neurons(m, threshold=0.1) for m in maps)  # "coarse in prompts"
+        assert row._6 == pytest.approx(float(maps[:, row.layer, row.neuron].mean()), rel=1e-4, abs=1e-7)
     with pytest.raises(ValueError, match="at least 2 paraphrases"):
         explore.knowledge_neurons(lm, PROMPTS[:1], "Paris")
 
@@ -112,7 +113,10 @@ def test_rome_story_before_after_restored(tiny):
                             others=["Ottawa is the capital of"], hparams=hp, tokens=4)
     assert list(df.stage) == ["before"] * 3 + ["after edit"] * 3 + ["restored"] * 3
     assert list(df.probe[:3]) == ["edited prompt", "reverse question", "other"]
-    p_new = df["p(Rome)"].to_numpy()
+    # each probe's own answer: the new one for the prompt and the others, the subject for the reverse
+    assert list(df.answer[:3]) == ["Rome", "Canada", "Rome"]
+    assert df["p(answer)"][1] == pytest.approx(ku.target_probability(lm, "Rome is the capital of", "Canada"))
+    p_new = df["p(answer)"].to_numpy()
     assert p_new[3] > p_new[0]                                   # the edit raised the new answer
     assert list(p_new[6:]) == list(p_new[:3])                    # restored = before, exactly
     assert list(df.continuation[6:]) == list(df.continuation[:3])
@@ -143,3 +147,79 @@ def test_continuation_needs_a_causal_lm(tiny):
         explore.continuation(tiny("bert"), "The capital of France is [MASK].")
     lm = tiny("llama")
     assert explore.continuation(lm, PROMPTS[0], 3) == explore.continuation(lm, PROMPTS[0], 3)
+
+
+def test_knowledge_neurons_closest_set_is_never_called_a_kn(tiny):
+    """Issue 20: when no tau gives the wanted count, the closest set is shown, the relaxed rule is
+    named, and neither the table nor the figure calls those neurons KNs."""
+    lm = tiny("llama")
+    maps = ku.attribution_maps(lm, PROMPTS, ["Paris"] * 3, steps=3, progress=False)
+    # too many: every tau keeps more than one neuron, or jumps from many to none
+    kns = explore.knowledge_neurons(lm, PROMPTS, "Paris", steps=3, threshold=0.05, min_neurons=1, max_neurons=1)
+    direct = ku.find_knowledge_neurons(lm, PROMPTS, "Paris", maps=maps, threshold=0.05, min_neurons=1,
+                                       max_neurons=1, progress=False)
+    assert not direct.converged and kns.neurons == direct.neurons == []
+    assert len(kns.closest) == 1 and kns.chosen == kns.closest
+    assert "rule relaxed: the count (1-1)" in kns.relaxed and direct.message in kns.relaxed
+    mean = maps.mean(0)
+    tau = max(t for t, k in direct.history if k > 1)
+    pool = [n for n, c in direct.counts.items() if c > tau * 3]
+    assert kns.closest == [max(pool, key=lambda n: float(mean[n]))]    # the best of the nearest set
+    assert list(kns.table.status) == ["closest set (relaxed, not a KN)"]
+    assert [t.get_text() for t in kns.figure.axes[0].texts] == ["candidate " + kns.table.label[0]]
+    assert "not KNs" in kns.figure.axes[0].get_title()
+    # too few: the minimum is relaxed, and said so
+    few = explore.knowledge_neurons(lm, PROMPTS, "Paris", steps=3, threshold=0.1, min_neurons=500, max_neurons=600)
+    assert few.neurons == [] and "rule relaxed: the minimum count (500)" in few.relaxed
+    assert 0 < len(few.closest) < 500
+
+
+def test_paraphrases_from_pararel_patterns_else_generic(data_dir):
+    par = explore.paraphrases("The capital of France is", n=5, data_dir=data_dir)
+    assert par[0] == "The capital of France is" and len(par) >= 5 and "ParaRel P36" in par.source
+    assert "France's capital is" in par and all("France" in p for p in par)
+    generic = explore.paraphrases("My cat likes to sleep on the", n=5, data_dir=data_dir)
+    assert len(generic) == 5 and "GENERIC_FRAMES" in generic.source
+    assert all(p.endswith("My cat likes to sleep on the") for p in generic)
+    assert len(set(generic)) == 5
+
+
+def test_knowledge_neurons_of_one_prompt_use_its_paraphrases(tiny, data_dir):
+    lm = tiny("llama")
+    kns = explore.knowledge_neurons(lm, "The capital of France is", "Paris", steps=2, data_dir=data_dir)
+    assert len(kns.prompts) >= 5 and kns.prompts[0] == "The capital of France is"
+
+
+def test_known_examples_use_the_models_own_check(tiny):
+    import pandas as pd
+
+    lm = tiny("llama")
+    from kn_utils.tracing import filter_known
+
+    prompts = ["The capital of France is", "The Eiffel Tower is in", "Water is made of", "Snow is"]
+    top1 = [ku.predict(lm, p, 1)[0][0] for p in prompts]
+    cands = pd.DataFrame({"prompt": prompts, "attribute": [top1[0], "zzzq", top1[2], top1[3]]})
+    cands.attrs["source"] = "/somewhere/else/facts.json"
+    known = list(filter_known(lm, cands).prompt)
+    assert prompts[0] in known and prompts[1] not in known        # the model's own top-1 decides
+    got = explore.known_examples(lm, n=2, candidates=cands)
+    assert list(got.prompt) == known[:2]
+    assert not got.attrs["source"].startswith("/")                # shown relative, not as a machine path
+    with pytest.raises(ValueError, match="none of the 1 candidate"):
+        explore.known_examples(lm, candidates=cands.iloc[[1]])
+
+
+def test_where_your_prompt_results_go_and_sweeps(tiny):
+    from kn_utils.resources import checkout_root
+
+    lm = tiny("llama")
+    a = explore.your_prompt_folder(lm, "The capital of France is")
+    b = explore.your_prompt_folder(lm, "The capital of Spain is")
+    assert a != b and a.parent == b.parent and a.parts[-3:-1] == (a.parts[-3], "your_prompt")
+    assert a.relative_to(checkout_root()).parts[0] == "results"
+    assert explore.layer_sweep_file(lm) is None                  # a tiny model has no sweep
+    lm.name = "gemma-3-270m"
+    assert explore.layer_sweep_file(lm).name == "layer_sweep_gemma_paper.csv"
+    lm.name = "default"
+    assert explore.layer_sweep_file(lm).name == "layer_sweep.csv"
+    assert explore.shown_path(f"data: {checkout_root()}/x/y.json (3 items)") == "data: x/y.json (3 items)"

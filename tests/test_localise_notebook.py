@@ -12,7 +12,8 @@ from tiny_models import save_tiny
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "localise_kn.ipynb"
 TINY = dict(DEVICE="cpu", N_PROMPTS=2, N_EVAL=6, N_FACTS=1, N_PAIRS=4, IG_STEPS=2, RELATIONS=["P36"])
-YOURS = ("your_prompt_attribution", "your_prompt_kns", "your_prompt_suppress", "your_prompt_enhance")
+# the "Your prompt" figures: under $KN_RESULTS_DIR/<model>/your_prompt/<prompt>/, not among the figures
+YOURS = ("attribution", "knowledge_neurons", "intervention_suppress", "intervention_enhance")
 
 pytestmark = pytest.mark.slow  # notebook runs and the CLI end to end (the library: test_localisation.py)
 
@@ -28,8 +29,11 @@ def _text(nb) -> str:
 def _check(nb, figures, want, skipped=()):
     assert error_outputs(nb) == []
     names = {p.name for p in figures.glob("*.png")}
-    for name in (*YOURS, *want):
+    for name in want:
         assert any(n.endswith(f"_{name}.png") for n in names), (name, names)
+    assert not any("your_prompt" in n for n in names), names
+    yours = {p.name for p in (figures.parent / "results").glob("*/your_prompt/*/*.png")}
+    assert yours == {f"{n}.png" for n in YOURS}, yours
     # every plotting cell shows its figures inline; only the listed ones skip, and say so
     missing = cells_without_figure(nb)
     assert sorted(missing.values()) == sorted(f"skipped: {first}" for first in skipped), missing
@@ -41,8 +45,8 @@ def test_notebook_tiny_decoder_without_data(tmp_path):
     figures = tmp_path / "figures"
     params = dict(TINY, MODEL=str(model_dir), FIG_DIR=str(figures),
                   PARADIGMS=["dna_1", "regular_plural_subject_verb_agreement_1"])
-    nb, seconds = run_notebook(root / NOTEBOOK.name, tmp_path / "executed.ipynb", parameters=params, env=env,
-                               timeout=600)
+    nb, seconds = run_notebook(root / NOTEBOOK.name, tmp_path / "executed.ipynb", parameters=params,
+                               env=dict(env, KN_RESULTS_DIR=str(tmp_path / "results")), timeout=600)
     _check(nb, figures, ("fig2b_kn_frequency", "fig2a_attribution_singular", "fig2a_attribution_plural",
                          "fig11_suppress_plural_verbs", "fig11_suppress_singular_verbs", "fig6b_blimp_accuracy",
                          "fig5b_layer_distribution"),
@@ -59,12 +63,15 @@ def test_notebook_tiny_masked_lm_with_data(tmp_path, data_dir):
     figures = tmp_path / "figures"
     params = dict(TINY, MODEL=str(model_dir), FIG_DIR=str(figures), DATA_DIR=str(data_dir),
                   PARADIGMS=["dna_2", "with_adj_2"])
-    nb, seconds = run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", parameters=params, timeout=600)
+    nb, seconds = run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", parameters=params, timeout=600,
+                               env={"KN_RESULTS_DIR": str(tmp_path / "results")})
     _check(nb, figures, ("fig2b_kn_frequency", "fig3_suppress_plural_modifiers",
                          "fig3_suppress_singular_modifiers", "fig11_suppress_plural_verbs", "fig6b_blimp_accuracy",
                          "fig5b_layer_distribution"))
     text = _text(nb)
-    assert "masked LM" in text and "determiner_noun_agreement_2" in text and str(data_dir) in text
+    assert "masked LM" in text and "determiner_noun_agreement_2" in text and "shared/data" in text
+    # the data folder is shown relative to the checkout: no path of this machine in the outputs
+    assert "data: /" not in text and str(data_dir.resolve()) not in text
     print(f"localise_kn.ipynb, tiny masked LM, data sets: {seconds:.0f} s")
 
 
@@ -73,13 +80,18 @@ def test_notebook_default_model(tmp_path):
     figures = tmp_path / "figures"
     params = dict(TINY, MODEL="default", FIG_DIR=str(figures),
                   PARADIGMS=["dna_1", "regular_plural_subject_verb_agreement_1"])
-    nb, seconds = run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", parameters=params, timeout=900)
+    nb, seconds = run_notebook(NOTEBOOK, tmp_path / "executed.ipynb", parameters=params, timeout=900,
+                               env={"KN_RESULTS_DIR": str(tmp_path / "results")})
     _check(nb, figures, ("fig2b_kn_frequency", "fig2a_attribution_singular", "fig2a_attribution_plural",
                          "fig11_suppress_plural_verbs", "fig11_suppress_singular_verbs", "fig6b_blimp_accuracy",
                          "fig5b_layer_distribution"),
            skipped=["MODIFIERS = {\"plural\": [\"these\", \"those\", \"two\", \"both\", \"multiple\", \"several\", \"various\"],"])
     text = _text(nb)
     assert "determiner_noun_agreement_1" in text and "P36" in text and "causal LM" in text
+    assert "Loading weights" not in text
+    shown = ["".join(o["data"]["text/markdown"]) for c in nb.cells for o in c.get("outputs", [])
+             if "text/markdown" in o.get("data", {})]
+    assert len(shown) == 1 and "What this run shows" in shown[0] and "suppressing the plural neuron" in shown[0]
 
 
 def test_localise_command(tmp_path, data_dir):

@@ -107,9 +107,9 @@ def test_parameters_injection_in_place_and_inline_figures(tmp_path):
     assert "values 1 a" in _stdout(nb2) and notebooks.parameters(nb2) == {"X": 1, "Y": "a"}
     assert not [c for c in nb2.cells if "injected-parameters" in c.metadata.get("tags", [])]
     # the command line: -p values read as Python literals, --out folder
-    assert notebooks.main(["-p", "X", "[1, 2]", "-p", "Y", "some text", "--out", str(tmp_path / "cli"),
+    assert notebooks.main(["-p", "X", "12", "-p", "Y", "some text", "--out", str(tmp_path / "cli"),
                            str(path)]) == 0
-    assert "values [1, 2] some text" in _stdout(nbformat.read(tmp_path / "cli" / "t.ipynb", as_version=4))
+    assert "values 12 some text" in _stdout(nbformat.read(tmp_path / "cli" / "t.ipynb", as_version=4))
     with pytest.raises(SystemExit):  # overrides never overwrite the notebook itself
         notebooks.main(["-p", "X", "2", str(path)])
     assert notebooks.parameters(nbformat.read(path, as_version=4)) == {"X": 1, "Y": "a"}
@@ -134,9 +134,11 @@ def test_failing_cell_raises_and_keeps_its_traceback(tmp_path):
     import papermill
 
     path = _notebook(tmp_path, "raise RuntimeError('boom ' + str(X))")
-    with pytest.raises(papermill.PapermillExecutionError, match="boom 1"):
-        notebooks.run_notebook(path, tmp_path / "failed.ipynb")
-    assert notebooks.error_outputs(nbformat.read(tmp_path / "failed.ipynb", as_version=4)) == [
+    with pytest.raises(papermill.PapermillExecutionError, match="boom 1") as err:
+        notebooks.run_notebook(path, tmp_path / "out.ipynb")
+    assert not (tmp_path / "out.ipynb").exists()  # only a complete run replaces the target
+    assert err.value.failed_copy == tmp_path / "out.failed.ipynb"
+    assert notebooks.error_outputs(nbformat.read(tmp_path / "out.failed.ipynb", as_version=4)) == [
         "RuntimeError: boom 1"]
 
 
@@ -153,3 +155,77 @@ def test_figures_are_not_displayed_outside_a_notebook(tmp_path, monkeypatch):
     monkeypatch.setattr(plotting.core, "in_notebook", lambda: True)
     plotting.finish(fig, None)
     assert len(shown) == 1 and shown[0][0].format == "png"
+
+
+def test_interrupted_run_leaves_the_notebook_as_it_was(tmp_path, monkeypatch):
+    """Issue 18: an interrupted in-place run must not leave a half-executed notebook behind."""
+    import papermill
+
+    path = _notebook(tmp_path, "print(X)")
+    before = path.read_bytes()
+
+    def interrupted(nb, output_path, **kwargs):
+        Path(output_path).write_text("half-executed")  # papermill writes cell by cell
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        notebooks.run_notebook(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no partial file left either
+
+
+@pytest.mark.parametrize("override, message", [
+    (["-p", "Z", "3"], r"unknown parameters \['Z'\]"),
+    (["-p", "X", "abc"], r"parameter X of t.ipynb must be of type int like its default 1, got 'abc' \(str\)"),
+    (["-p", "Y", "[1]"], r"parameter Y .* must be of type str"),
+    (["-p", "X", "True"], r"parameter X .* got True \(bool\)"),
+])
+def test_cli_refuses_bad_parameters_before_any_cell(tmp_path, capsys, override, message):
+    path = _notebook(tmp_path, "open('ran', 'w').write('yes')")
+    with pytest.raises(SystemExit) as exit_:
+        notebooks.main([*override, "--out", str(tmp_path / "out"), str(path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "out").exists()
+
+
+def test_parameter_types_follow_the_defaults():
+    nb = new_notebook(cells=[new_code_cell("A = 1\nB = 0.5\nC = None\nD = [1]\nE = 'x'\nF = True",
+                                           metadata={"tags": ["parameters"]})])
+    ok = {"A": 3, "B": 2, "C": "anything", "D": (2, 3), "E": "y", "F": False}
+    assert notebooks.check_parameters(nb, ok)["A"] == 1
+    for bad in ({"A": 1.5}, {"A": True}, {"B": "0.1"}, {"D": "1"}, {"E": 3}, {"F": 1}):
+        with pytest.raises(ValueError, match=f"parameter {next(iter(bad))} "):
+            notebooks.check_parameters(nb, bad)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_stored_outputs_are_free_of_machine_paths_and_progress_bars(name):
+    """Issue 20: what a reader sees carries no path of the machine that ran it, no stderr noise.
+    (Checks the committed outputs: re-executed with ``make notebooks`` after the notebook change.)"""
+    nb = nbformat.read(ROOT / name, as_version=4)
+    home = str(Path.home())
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            text = out.get("text", "") + "".join(str(v) for k, v in out.get("data", {}).items()
+                                                  if k.startswith("text/"))
+            assert "Loading weights" not in text, (i, text[:200])
+            assert str(ROOT) not in text and home not in text and "/work/" not in text, (i, text[:300])
+
+
+def test_make_lab_keeps_allow_root_when_lab_args_are_overridden():
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    cmd = ["make", "-n", "-s", "-o", ".venv/.installed", "lab", "LAB_ARGS=--no-browser --port 8890"]
+    last = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    assert "jupyter lab" in last and "--no-browser --port 8890" in last
+    assert ("--allow-root" in last) == (os.getuid() == 0)
+    off = subprocess.run([*cmd, "LAB_ROOT_ARGS="], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "--allow-root" not in off

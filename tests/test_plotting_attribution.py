@@ -2,6 +2,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
@@ -24,10 +26,10 @@ def test_probability_change_red_labels_separators_and_order(tmp_path):
     groups = {"plural": ["are", "were", "run"], "singular": ["is", "was", "runs"]}
     fig = pa.plot_probability_change(_summary(), groups, save="change", folder=tmp_path)
     assert isinstance(fig, Figure)
-    ax = fig.axes[0]
-    labels = [t.get_text() for t in ax.get_xticklabels()]
+    ax, ax_p = fig.axes[:2]  # relative change above, the probabilities themselves below (shared x)
+    labels = [t.get_text() for t in ax_p.get_xticklabels()]
     assert labels == ["are", "were", "run", "is", "was", "runs"]
-    red = {t.get_text() for t in ax.get_xticklabels() if to_rgba(t.get_color()) == to_rgba(pa.SIGNIFICANT)}
+    red = {t.get_text() for t in ax_p.get_xticklabels() if to_rgba(t.get_color()) == to_rgba(pa.SIGNIFICANT)}
     assert red == {"are", "were"}  # p < 0.05; NaN p is not significant
     heights = [b.get_height() for b in ax.patches]
     assert heights == [0.5, 1.0, 0.2, -0.3, -0.1, 0.0]
@@ -35,11 +37,18 @@ def test_probability_change_red_labels_separators_and_order(tmp_path):
     assert len(separators) == 1
     assert {t.get_text() for t in ax.texts} == {"plural", "singular"}
     assert (tmp_path / "change.png").stat().st_size > 0 and (tmp_path / "change.pdf").exists()
+    # the absolute probabilities, so a tiny base with a large relative change is seen as tiny
+    assert ax_p.get_yscale() == "log"
+    pre, post = (c.get_offsets()[:, 1].tolist() for c in ax_p.collections if hasattr(c, "get_sizes")
+                 and c.get_offsets().shape[0] == 6)
+    assert pre == [0.1] * 6 and post == [0.2] * 6
+    # the figure itself says what red means, and how many words are red
+    assert any("p < 0.05 (2 of 6)" in t.get_text() for t in fig.texts)
 
 
 def test_probability_change_tokens_outside_groups_and_bad_input():
     fig = pa.plot_probability_change(_summary(), {"plural": ["are", "missing"]})
-    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    labels = [t.get_text() for t in fig.axes[1].get_xticklabels()]
     assert labels[0] == "are" and sorted(labels[1:]) == sorted(["is", "were", "was", "run", "runs"])
     assert "other" in {t.get_text() for t in fig.axes[0].texts}
     with pytest.raises(ValueError, match="columns"):
@@ -122,3 +131,47 @@ def test_heatmap_labels():
     fig = pa.plot_attribution_heatmap(scores, [(3, 30), (1, 5)], width=2, labels=True)
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["L1.N5", "L3.N30"]
     assert not pa.plot_attribution_heatmap(scores, [(3, 30)], width=2).axes[0].texts
+
+
+def test_heatmap_maximum_is_labelled_as_such_and_windows_explained():
+    scores = torch.zeros(4, 40)
+    scores[3, 30] = 2.0
+    # no neurons given (e.g. a KN search that found none): the box is the maximum, and says so
+    fig = pa.plot_attribution_heatmap(scores, None, width=2, labels=True)
+    assert [t.get_text() for t in fig.axes[0].texts] == ["max attribution L3.N30"]
+    two = pa.plot_attribution_heatmap(scores, [(3, 30), (1, 5)], width=2)
+    assert "2 windows of ±2 neurons, split by black lines" in two.axes[0].get_xlabel()
+    one = pa.plot_attribution_heatmap(scores, [(3, 30)], width=2)
+    assert "split" not in one.axes[0].get_xlabel() and "±2" in one.axes[0].get_xlabel()
+
+
+def test_saved_figures_are_byte_stable(tmp_path):
+    import time
+
+    from kn_utils.plotting import save_figure
+
+    fig = pa.plot_probability_change(_summary(), {"plural": ["are", "were"]})
+    first = [p.read_bytes() for p in save_figure(fig, "same", tmp_path)]
+    time.sleep(1.1)  # a creation date with a one-second resolution would differ now
+    second = [p.read_bytes() for p in save_figure(fig, "same", tmp_path)]
+    assert first == second
+    assert b"CreationDate" not in second[1] and b"matplotlib" not in second[0].lower()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.pdf", "same.png"]  # no temporary left
+
+
+def test_interrupted_save_keeps_the_old_figure(tmp_path, monkeypatch):
+    from kn_utils.plotting import save_figure
+
+    fig = pa.plot_probability_change(_summary())
+    png, pdf = save_figure(fig, "kept", tmp_path)
+    old = png.read_bytes()
+
+    def broken(self, fname, **kwargs):
+        Path(fname).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(fig, "kept", tmp_path)
+    assert png.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.pdf", "kept.png"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 
-from .core import (FIGURES_ENV, INLINE_DPI, SAVE_DPI, figures_dir, finish, in_notebook,  # noqa: F401
+from .core import (FIGURES_ENV, INLINE_DPI, SAVE_DPI, STABLE_METADATA, figures_dir, finish, in_notebook,  # noqa: F401
                    save_figure, save_name, show)
 from .attribution import *  # noqa: E402,F401,F403
 from .tracing import *  # noqa: E402,F401,F403

@@ -35,19 +35,22 @@ def _as_map(scores) -> np.ndarray:
 
 
 def plot_attribution_heatmap(scores, neurons=None, *, width: int = 10, layers=None, title=None,
-                             labels: bool = False, save=None, folder=None) -> Figure:
+                             labels: bool = False, label_prefix: str = "", save=None, folder=None) -> Figure:
     """Fig 2a: attribution scores of the neurons around the chosen ``neurons`` (boxed), all layers.
 
     ``scores``: one map [n_layers, n_neurons] or a stack of maps (averaged).  ``neurons``: the
     (layer, neuron) pairs to centre on (default: the highest-scoring neuron).  ``width``: neurons
     shown either side of each chosen one.  ``layers``: rows to show (default: all).  ``labels``:
-    write each chosen neuron's "L<layer>.N<neuron>" beside its box.
+    write each chosen neuron's "L<layer>.N<neuron>" beside its box, after ``label_prefix``.  Without
+    ``neurons`` the box marks the map's maximum and its label says so ("max attribution L3.N7"): it
+    is never presented as a knowledge neuron.
     """
     s = _as_map(scores)
     n_layers, n_neurons = s.shape
     if neurons is None or len(neurons) == 0:
         layer, unit = np.unravel_index(int(np.argmax(s)), s.shape)
         neurons = [(int(layer), int(unit))]
+        label_prefix = "max attribution "
     for layer, unit in neurons:
         if not (0 <= layer < n_layers and 0 <= unit < n_neurons):
             raise ValueError(f"neuron {(layer, unit)} outside the map's {n_layers} x {n_neurons}")
@@ -70,18 +73,21 @@ def plot_attribution_heatmap(scores, neurons=None, *, width: int = 10, layers=No
     ystep = max(1, len(rows) // 15)
     ax.set_yticks(range(0, len(rows), ystep), [str(rows[i]) for i in range(0, len(rows), ystep)],
                   fontsize=7)
-    for i in range(1, len(cols)):  # gaps between windows around different neurons
-        if cols[i] != cols[i - 1] + 1:
-            ax.axvline(i - 0.5, color="k", lw=1.5)
+    gaps = [i for i in range(1, len(cols)) if cols[i] != cols[i - 1] + 1]
+    for i in gaps:  # gaps between windows around different neurons
+        ax.axvline(i - 0.5, color="k", lw=1.5)
     for layer, unit in neurons:
         if layer in rows:
             ax.add_patch(Rectangle((cols.index(unit) - 0.5, rows.index(layer) - 0.5), 1, 1,
                                    fill=False, ec="k", lw=1.5))
             if labels:
-                ax.annotate(neuron_label((layer, unit)), (cols.index(unit) + 0.6, rows.index(layer)),
+                ax.annotate(label_prefix + neuron_label((layer, unit)), (cols.index(unit) + 0.6, rows.index(layer)),
                             fontsize=7, va="center", ha="left",
                             bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
-    ax.set_xlabel("neuron")
+    # the x-axis is not one range of neurons but a window around each boxed one: say so on the figure
+    windows = f"{len(gaps) + 1} windows of ±{width} neurons, split by black lines" if gaps else f"±{width} neurons"
+    ax.set_xlabel(f"neuron index ({windows} around the boxed neuron{'s' if len(neurons) > 1 else ''})",
+                  fontsize=8)
     ax.set_ylabel("layer")
     ax.set_title(title or "attribution around " + ", ".join(neuron_label(n) for n in neurons), fontsize=9)
     return finish(fig, save, folder)
@@ -175,23 +181,45 @@ def plot_probability_change(summary: pd.DataFrame, groups=None, *, alpha: float 
     tokens, spans = _ordered_tokens(summary.reset_index(), groups)
     values = summary.loc[tokens, "rel_change"].astype(float).to_numpy()
     pvals = summary.loc[tokens, "p"].astype(float).to_numpy()
-    fig = Figure(figsize=(max(4.0, 0.38 * len(tokens) + 1.5), 3.4))
-    ax = fig.add_subplot()
+    # the relative change of a tiny probability can dwarf everything else (0.0009 -> 0.0106 is +10.8):
+    # a second panel shows the probabilities themselves, on a log scale, when the summary has them
+    absolute = {"pre_mean", "post_mean"} <= set(summary.columns)
+    width = max(4.0, 0.38 * len(tokens) + 1.5)
+    fig = Figure(figsize=(width, 5.6 if absolute else 3.6))
+    if absolute:
+        ax, ax_p = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    else:
+        ax, ax_p = fig.add_subplot(), None
     colors = np.where(values >= 0, "tab:blue", "tab:orange")
     ax.bar(range(len(tokens)), values, color=colors)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(range(len(tokens)), [t.strip() or repr(t) for t in tokens], rotation=60, ha="right")
-    for label, p in zip(ax.get_xticklabels(), pvals):
+    bottom = ax_p if absolute else ax
+    bottom.set_xticks(range(len(tokens)), [t.strip() or repr(t) for t in tokens], rotation=60, ha="right")
+    for label, p in zip(bottom.get_xticklabels(), pvals):
         if np.isfinite(p) and p < alpha:
             label.set_color(SIGNIFICANT)
     for name, first, last in spans:
         if first > 0:
-            ax.axvline(first - 0.5, color=SEPARATOR, lw=1.2)
+            for a in (ax, ax_p) if absolute else (ax,):
+                a.axvline(first - 0.5, color=SEPARATOR, lw=1.2)
         ax.text((first + last) / 2, 1.01, name, transform=ax.get_xaxis_transform(), ha="center",
                 va="bottom", fontsize=8, color="0.3")
     ax.set_xlim(-0.6, len(tokens) - 0.4)
-    ax.set_ylabel(ylabel or r"$(p_{post}-p_{pre})/\min(p_{post},p_{pre})$")
-    ax.set_title(title or f"probability change (red: p < {alpha})", fontsize=9, pad=16)
+    ax.set_ylabel(ylabel or r"$(p_{post}-p_{pre})/\min(p_{post},p_{pre})$", fontsize=8)
+    ax.set_title(title or "probability change", fontsize=9, pad=16)
+    if absolute:
+        x = np.arange(len(tokens))
+        pre = summary.loc[tokens, "pre_mean"].astype(float).to_numpy()
+        post = summary.loc[tokens, "post_mean"].astype(float).to_numpy()
+        ax_p.vlines(x, np.minimum(pre, post), np.maximum(pre, post), color="0.7", lw=1)
+        ax_p.scatter(x, pre, marker="o", s=18, color="0.5", label="before", zorder=3)
+        ax_p.scatter(x, post, marker="_", s=80, color="k", label="after", zorder=3)
+        ax_p.set_yscale("log")
+        ax_p.set_ylabel("mean probability", fontsize=8)
+        ax_p.legend(fontsize=7, loc="best")
+    n_sig = int(np.sum(np.isfinite(pvals) & (pvals < alpha)))
+    fig.text(0.01, 0.0, f"red word = t-test over the prompts gives p < {alpha:g} ({n_sig} of {len(tokens)})",
+             fontsize=7, color=SIGNIFICANT, ha="left", va="top")
     return finish(fig, save, folder)
 
 

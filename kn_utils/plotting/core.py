@@ -4,6 +4,7 @@ The figure modules import these helpers from here, so the package ``__init__`` o
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 from ..resources import checkout_root
@@ -24,13 +25,29 @@ def figures_dir() -> Path:
     return root / "figures" if root is not None else Path.cwd() / "figures"
 
 
+# No creation date or library version in the files: a figure whose data did not change is written
+# byte for byte the same, so re-executing a notebook changes only the figures whose data changed.
+STABLE_METADATA = {".png": {"Software": None},
+                   ".pdf": {"Creator": None, "Producer": None, "CreationDate": None}}
+
+
 def save_figure(fig, name: str, folder=None) -> list[Path]:
-    """Write ``fig`` as ``<folder>/<name>.png`` and ``.pdf`` (folder default: :func:`figures_dir`)."""
+    """Write ``fig`` as ``<folder>/<name>.png`` and ``.pdf`` (folder default: :func:`figures_dir`).
+
+    Each file is written to a temporary file beside it and renamed over the old one when complete
+    (an interrupted run never leaves a half-written figure), without creation dates (the same figure
+    gives the same bytes)."""
     folder = Path(folder) if folder else figures_dir()
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
     for path in paths:
-        fig.savefig(path, bbox_inches="tight", dpi=SAVE_DPI if path.suffix == ".png" else None)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            fig.savefig(tmp, format=path.suffix[1:], bbox_inches="tight", metadata=STABLE_METADATA[path.suffix],
+                        dpi=SAVE_DPI if path.suffix == ".png" else None)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return paths
 
 
@@ -54,7 +71,7 @@ def show(fig) -> None:
     from IPython.display import Image, display
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight", dpi=INLINE_DPI)
+    fig.savefig(buf, format="png", bbox_inches="tight", dpi=INLINE_DPI, metadata=STABLE_METADATA[".png"])
     display(Image(data=buf.getvalue(), format="png"))
 
 

@@ -38,14 +38,15 @@ def _draw_trace(ax, result, model_name=None, colorbar=True):
     step = max(1, n_layers // 6)
     ax.set_xticks(np.arange(0, n_layers, step) + 0.5)
     ax.set_xticklabels(range(0, n_layers, step))
-    where = f" within {model_name}" if model_name else ""
+    # the model is named once, in the figure's title (plot_trace / plot_trace_panels), not per axis
     window = f" ({result.window})" if result.kind != "hidden" else ""
-    ax.set_xlabel(TITLES.get(result.kind, "layer") + window + where, fontsize=8)
+    ax.set_xlabel(TITLES.get(result.kind, "layer") + window, fontsize=8)
     ax.set_title(f"Impact of restoring {KIND_NAMES.get(result.kind, result.kind)} after corrupted input",
                  fontsize=9)
     if colorbar:
         cb = ax.figure.colorbar(mesh, ax=ax)
-        cb.ax.set_title(f"p({result.answer.strip()})", y=-0.12, fontsize=8)
+        # beside the bar, where it cannot run into the x-axis label below the panel
+        cb.set_label(f"p({result.answer.strip()})", fontsize=8)
     return mesh
 
 
@@ -58,6 +59,8 @@ def plot_trace(result, *, save=None, folder=None, model_name=None, ax=None, name
     else:
         fig = ax.figure
     _draw_trace(ax, result, model_name)
+    if model_name:
+        fig.suptitle(f"{model_name}: trace of p({result.answer.strip()})", fontsize=9)
     return finish(fig, save, folder)
 
 
@@ -76,8 +79,9 @@ def plot_trace_panels(results, *, save=None, folder=None, model_name=None, title
     fig, axes = _subplots(len(results), figsize=(3.9 * len(results), height))
     for ax, result in zip(axes[0], results):
         _draw_trace(ax, result, model_name)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if title or model_name:
+        fig.suptitle(title or f"causal trace in {model_name}: restoring each state after corrupting the "
+                              f"starred (subject) tokens", fontsize=10)
     fig.tight_layout()
     return finish(fig, save, folder)
 

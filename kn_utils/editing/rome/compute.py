@@ -11,6 +11,7 @@ The update (REFERENCE.md §4), with u = C⁻¹k* (k* when C is off):
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ... import targets as tg
-from ...engine import accepts, cache_args, prefix_cache, read_logits
+from ...engine import accepts, cache_args, keep_block_output, prefix_cache, read_logits, replay_blocks
 from ...hooks import modify
 from .stats import layer_keys
 
@@ -144,23 +145,50 @@ def suffix_supported(lm) -> bool:
 
 
 def compute_v(lm, hp, templates, prompt: str, subject: str, target_new: str,
-              progress: bool = False, suffix: bool | None = None):
+              progress: bool = False, suffix: bool | None = None, from_layer: bool | None = None):
     """(v*, v_init, info): the MLP output at the subject's last token that makes ``target_new`` likely.
 
     ``suffix`` (None: whenever :func:`suffix_supported`): run each Adam step only over the positions
     that δ changes, the rest once into a KV cache (:class:`_Batch`); ``False`` runs every position at
-    every step (the plain loop the fast one is tested against)."""
-    layer = hp.layer
-    rew = [r for t in templates for r in _rows(lm, t, prompt, subject, target_new)]
-    kl_rows = _rows(lm, "{}", KL_PROMPT.format(subject), subject, None) if not lm.arch.is_masked_lm else []
-    rows = rew + kl_rows
-    n_rew = len(rew)
-    dev = lm.device
-    r_idx = torch.as_tensor([i for i, r in enumerate(rew) for _ in r.positions], device=dev, dtype=torch.long)
-    p_idx = torch.as_tensor([p for r in rew for p in r.positions], device=dev, dtype=torch.long)
-    t_idx = torch.as_tensor([t for r in rew for t in r.targets], device=dev, dtype=torch.long)
+    every step (the plain loop the fast one is tested against).  ``from_layer`` (None: on): the
+    steps after the first start at the edited layer, replaying the first step's input to it
+    (:func:`kn_utils.engine.replay_blocks`); ``False`` runs every block at every step."""
+    return compute_values(lm, hp, templates, [(prompt, subject, target_new)], progress=progress,
+                          suffix=suffix, from_layer=from_layer)[0]
+
+
+def compute_values(lm, hp, templates, requests, progress: bool = False, suffix: bool | None = None,
+                   from_layer: bool | None = None, batch_size: int = 8):
+    """:func:`compute_v` of each (prompt, subject, target_new) in ``requests``, up to ``batch_size``
+    at a time in one batch: one δ per request, each with its own loss (NLL + KL + weight decay),
+    Adam state, norm clamp and early stop, so each v* is what :func:`compute_v` gives alone (up to
+    float rounding of the different batch shape).  Returns [(v*, v_init, info), ...]."""
+    out = []
+    for first in range(0, len(requests), batch_size):
+        out += _optimise(lm, hp, templates, list(requests[first:first + batch_size]), progress,
+                         suffix, from_layer)
+    return out
+
+
+def _optimise(lm, hp, templates, requests, progress, suffix, from_layer):
+    layer, n_req, dev = hp.layer, len(requests), lm.device
+    rew = [[r for t in templates for r in _rows(lm, t, p, s, t_new)] for p, s, t_new in requests]
+    kl_rows = [] if lm.arch.is_masked_lm else \
+        [r for _, s, _ in requests for r in _rows(lm, "{}", KL_PROMPT.format(s), s, None)]
+    rows = [r for rs in rew for r in rs] + kl_rows
+    n_rew = sum(len(rs) for rs in rew)
+    first_row = torch.as_tensor([sum(len(rs) for rs in rew[:i]) for i in range(n_req)], device=dev)
+    row_request = torch.as_tensor([i for i, rs in enumerate(rew) for _ in rs]
+                                  + list(range(len(kl_rows))), device=dev)
+    flat = [r for rs in rew for r in rs]
+    r_idx = torch.as_tensor([i for i, r in enumerate(flat) for _ in r.positions], device=dev, dtype=torch.long)
+    p_idx = torch.as_tensor([p for r in flat for p in r.positions], device=dev, dtype=torch.long)
+    t_idx = torch.as_tensor([t for r in flat for t in r.targets], device=dev, dtype=torch.long)
+    # each request's target tokens are a contiguous run of t_idx
+    counts = [sum(len(r.targets) for r in rs) for rs in rew]
+    bounds = [sum(counts[:i]) for i in range(n_req + 1)]
     # target tokens per template: one row with them all (decoders) or one row each (masked LMs)
-    n_tok = len(t_idx) // len(templates)
+    n_tok = [c // len(templates) for c in counts]
     sub_abs = torch.as_tensor([r.subject_index for r in rows], device=dev)
     # the logits are read at the target positions, then at the KL rows' subject ends: only there
     read_rows = torch.cat([r_idx, torch.arange(n_rew, len(rows), device=dev)])
@@ -169,70 +197,99 @@ def compute_v(lm, hp, templates, prompt: str, subject: str, target_new: str,
         suffix = suffix_supported(lm)
     elif suffix and not suffix_supported(lm):
         raise ValueError(f"suffix=True needs a causal LM whose forward takes position_ids ({lm.name})")
+    # δ enters at the edited layer: the input of that block is the same at every step
+    from_layer = (from_layer is None or from_layer) and layer > 0
     batch = _Batch(lm, rows, read_rows, read_abs, suffix)
     sub, read_pos = batch.sub, batch.read_pos
     at_subject = torch.zeros(len(rows), batch.end - batch.start, 1, device=dev)
     at_subject[torch.arange(len(rows), device=dev), sub] = 1.0
 
-    delta = torch.zeros(lm.arch.d_model, device=dev, dtype=torch.float32, requires_grad=True)
+    # one leaf and one Adam per request: a request that stops early takes no further step
+    deltas = [torch.zeros(lm.arch.d_model, device=dev, dtype=torch.float32, requires_grad=True)
+              for _ in range(n_req)]
+    opts = [torch.optim.Adam([d], lr=hp.v_lr) for d in deltas]
     state = {}
 
     def edit_output(value):
-        if "v_init" not in state:
-            state["v_init"] = value[0, sub[0]].detach().float().clone()  # bare prompt, first row
+        if "v_init" not in state:   # the bare prompt, first row of each request
+            state["v_init"] = value[first_row, sub[first_row]].detach().float().clone()
+        delta = deltas[0] if n_req == 1 else torch.stack(deltas)[row_request][:, None]
         return value + (at_subject * delta).to(value.dtype)
 
     loss_hidden = {}
     project = _logits_fn(lm, hp.v_loss_layer)
-    # the output of the projection whose weights the edit changes (before Gemma's post-MLP norm)
-    fns = {"mlp_proj": {layer: edit_output}}
     n_scored = len(r_idx)
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
     kl_init = None
-    info = {"steps": 0, "nll": [], "p_target": [], "suffix": bool(suffix),
-            "positions_per_step": int(batch.end - batch.start)}
+    infos = [{"steps": 0, "nll": [], "p_target": [], "suffix": bool(suffix), "from_layer": from_layer,
+              "positions_per_step": int(batch.end - batch.start), "batch": n_req} for _ in range(n_req)]
+    active = list(range(n_req))
+    replay = None   # the output of block layer - 1, kept from the first step
     bar = tqdm(range(hp.v_num_grad_steps), desc="ROME v*", disable=not progress, leave=False)
     for step in bar:
-        with modify(lm, "mlp_proj", fns["mlp_proj"]):
+        with modify(lm, "mlp_proj", {layer: edit_output}), _skip_below(lm, layer, from_layer, replay) as kept:
             if project is not None:
                 with modify(lm, "hidden", {hp.v_loss_layer: lambda v: loss_hidden.__setitem__("h", v)}):
                     lm.model(**batch.forward_kwargs())
                 logits = project(loss_hidden.pop("h")[read_rows, read_pos])
             else:
                 logits = read_logits(lm, read_rows, read_pos, **batch.forward_kwargs())
+        if replay is None and kept is not None:
+            replay = kept["output"]
         scored = logits[:n_scored].float().log_softmax(-1)
         token_logp = scored[torch.arange(len(t_idx), device=dev), t_idx]
-        nll = -token_logp.sum() / len(t_idx)  # mean over templates of the per-target NLL / n_tok
-        loss = nll
+        kl_logp = None
         if kl_rows:
-            kl_at = logits[n_scored:]
-            kl_logp = kl_at.float().log_softmax(-1)
+            kl_logp = logits[n_scored:].float().log_softmax(-1)
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
-            # as ROME's code: KL(current || initial) over the next-token distribution after the subject
-            kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
-            loss = loss + hp.kl_factor * kl
         v_init = state["v_init"]
-        wd = hp.v_weight_decay * (delta.norm() / v_init.norm() ** 2)
-        loss = loss + wd
-        info["nll"].append(nll.item())
-        info["p_target"].append(float(torch.exp(-nll.detach() * n_tok)))
-        if loss.item() < hp.early_stop_loss:
+        losses, stepping = [], []
+        for i in active:
+            # mean over templates of the per-target NLL / n_tok
+            nll = -token_logp[bounds[i]:bounds[i + 1]].sum() / counts[i]
+            loss = nll
+            if kl_rows:
+                # as ROME's code: KL(current || initial) over the next-token distribution after the subject
+                kl = F.kl_div(kl_init[i:i + 1], kl_logp[i:i + 1], log_target=True, reduction="batchmean")
+                loss = loss + hp.kl_factor * kl
+            loss = loss + hp.v_weight_decay * (deltas[i].norm() / v_init[i].norm() ** 2)
+            infos[i]["nll"].append(nll.item())
+            infos[i]["p_target"].append(float(torch.exp(-nll.detach() * n_tok[i])))
+            # ROME stops below the early-stop loss, and takes no step after the last loss
+            if loss.item() >= hp.early_stop_loss and step < hp.v_num_grad_steps - 1:
+                losses.append(loss)
+                stepping.append(i)
+        active = stepping
+        if not active:
             break
-        if step == hp.v_num_grad_steps - 1:
-            break  # ROME takes no step after the last loss
-        (grad,) = torch.autograd.grad(loss, [delta])
-        delta.grad = grad
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        info["steps"] = step + 1
-        with torch.no_grad():
-            max_norm = hp.clamp_norm_factor * v_init.norm()
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
+        grads = torch.autograd.grad(sum(losses) if len(losses) > 1 else losses[0],
+                                    [deltas[i] for i in active])
+        for i, grad in zip(active, grads):
+            deltas[i].grad = grad
+            opts[i].step()
+            opts[i].zero_grad(set_to_none=True)
+            infos[i]["steps"] = step + 1
+            with torch.no_grad():
+                max_norm = hp.clamp_norm_factor * v_init[i].norm()
+                if deltas[i].norm() > max_norm:
+                    deltas[i].mul_(max_norm / deltas[i].norm())
     bar.close()
     v_init = state["v_init"]
-    return (v_init + delta.detach()), v_init, info
+    return [(v_init[i] + deltas[i].detach(), v_init[i], infos[i]) for i in range(n_req)]
+
+
+@contextmanager
+def _skip_below(lm, layer, enabled, replay):
+    """Nothing (disabled or layer 0), keep block ``layer`` - 1's output (first step: yields the
+    dict it lands in), or replay it in place of blocks 0 .. ``layer`` - 1 (later steps)."""
+    if not enabled:
+        yield None
+    elif replay is None:
+        with keep_block_output(lm, layer - 1) as kept:
+            yield kept
+    else:
+        with replay_blocks(lm, layer, replay):
+            yield None
 
 
 def rank_one_update(k_star: torch.Tensor, v_star: torch.Tensor, mom2, *, k_ref: torch.Tensor,
