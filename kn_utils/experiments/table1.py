@@ -165,7 +165,7 @@ def _text(paired, globs, plan, per_item):
         f"within +-{100 * verdicts.NO_CHANGE_WITHIN:g} points, else is undecided at its n."]
     rome = plan.get("info", {}).get("rome", {})
     for lab, hp in rome.items():
-        lines.append(f"`{lab}` items: ROME at layer {hp['layer']}, covariance "
+        lines.append(f"- `{lab}` items: ROME at layer {hp['layer']}, covariance "
                      + (f"on (statistics from {hp['mom2_n_samples']:,} texts)" if hp["mom2_adjustment"]
                         else "off") + ("" if lab == "rome" else " — ROME's own configuration, beside the "
                                        "paper's so a reader sees what the configuration does") + ".")
