@@ -1,7 +1,7 @@
 """The README's headline: every model's ``reports/<model>/headline.csv`` in one short table.
 
-One row per result, one column per model (ours, its 95 % interval and n), and the paper's number
-with its setting; above it one line per model: its report, scale, commit and wall time. Short on
+One row per result, one column per model (ours, its 95 % interval and n; a paired result as
+before → after with the difference's interval), and the paper's number with its setting; above it one line per model: its report, scale, commit and wall time. Short on
 purpose: the README is a landing page, each report holds the full tables.  ``make readme-headline``
 (:func:`kn_utils.reproduce.update_readme`) writes :func:`readme_block` between the README's markers.
 """
@@ -65,9 +65,29 @@ def _report_line(folder: Path) -> str:
     return f"- **{folder.name}**: " + "; ".join(parts)
 
 
+# "<base>: before (<unit>)" and "<base>: after − before (points)" rows fold into the "<base> (<unit>)"
+# row of the README: one cell "before → after (Δ diff [lo, hi]) n=..."
+_PAIRED = re.compile(r"^(?P<base>.*): (?P<part>before|after − before) \((?P<unit>[^()]*)\)$")
+
+
+def _split(result):
+    m = _PAIRED.match(result)
+    return (m["base"], m["part"]) if m else (None, None)
+
+
+def _folded_cell(after, before, diff, layer) -> str:
+    if after is None or not _number(after.ours):
+        return "—"
+    if before is None or diff is None or not _number(diff.ours):
+        return _cell(after, layer)
+    ci = f" [{_number(diff.ci_lo)}, {_number(diff.ci_hi)}]" if _number(diff.ci_lo) else ""
+    return f"{_number(before.ours)} → {_number(after.ours)} (Δ {diff.ours:+.2f}{ci}) n={int(after.n)}"
+
+
 def readme_block(reports, folders=None) -> str:
     """The markdown between the README's headline markers, from ``reports/*/headline.csv`` (only
-    the report folders named in ``folders``, if given)."""
+    the report folders named in ``folders``, if given).  Paired results (a before and an
+    after − before row beside the after row) become one "before → after (Δ ...)" cell."""
     csvs = sorted(Path(reports).glob("*/headline.csv"))
     if folders is not None:
         csvs = [c for c in csvs if c.parent.name in set(folders)]
@@ -77,10 +97,25 @@ def readme_block(reports, folders=None) -> str:
     cells: dict[str, dict[str, str]] = {}
     paper: dict[str, str] = {}
     for model, csv in zip(models, csvs):
-        for row in pd.read_csv(csv).itertuples(index=False):
+        rows = list(pd.read_csv(csv).itertuples(index=False))
+        parts = {}
+        for row in rows:
+            base, part = _split(row.result)
+            if base:
+                parts[(base, part)] = row
+        for row in rows:
+            if _split(row.result)[0]:
+                continue
             m = _LAYER.match(row.result)
             key = f"{m['head']})" if m else row.result
-            cells.setdefault(key, {})[model] = _cell(row, m["layer"] if m else None)
+            layer = m["layer"] if m else None
+            base = row.result.rsplit(" (", 1)[0]
+            before, diff = parts.get((base, "before")), parts.get((base, "after − before"))
+            if before is not None or diff is not None:
+                key = f"{base}: before → after (" + row.result.rsplit(" (", 1)[1]
+                cells.setdefault(key, {})[model] = _folded_cell(row, before, diff, layer)
+            else:
+                cells.setdefault(key, {})[model] = _cell(row, layer)
             if _number(row.paper) and key not in paper:
                 paper[key] = f"{_number(row.paper)} ({row.paper_setting})"
     lines = [_report_line(c.parent) for c in csvs] + [

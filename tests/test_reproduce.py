@@ -173,6 +173,19 @@ def test_smoke_report_every_section(tiny, tmp_path, builtin_only):
     assert t1[(t1.editor == "rome") & (t1.metric == "reliability")]["paper_gpt2xl"].notna().all()
     items = pd.read_csv(tmp_path / "table1_items.csv")
     assert {"reliability_acc", "reliability_acc_pre", "symmetry_acc", "synonym_acc"} <= set(items.columns)
+    # Table 1 before -> after per criterion, with a verdict from kn_utils.verdicts
+    paired = pd.read_csv(tmp_path / "table1_paired.csv")
+    assert {"before", "after", "diff", "diff_lo", "diff_hi", "n", "method", "verdict", "reason"} <= set(paired.columns)
+    assert {"reliability", "symmetry", "synonym"} <= set(paired.criterion)
+    assert ("locality" in set(paired.criterion)) == items.locality_acc.notna().any()
+    assert "verdict: " in text and "below the report minimum)" in text
+    # Fig 6b: the paper code's suppression and the KN weight edit on the same pairs, flips counted
+    f6 = pd.read_csv(tmp_path / "fig6b_paired.csv")
+    assert set(f6.intervention) <= {"suppress", "kn_edit"} and "suppress" in set(f6.intervention)
+    assert ((f6.after - f6.before - f6["diff"]).abs() < 1e-6).all()
+    assert (f6.flip_rate == 100 * (f6.good_to_bad + f6.bad_to_good) / f6.n_pairs).all()
+    # syntax vs facts is rendered from Table 8 and Table 9
+    assert "the paper's §3 claim: verdict: " in text
     # BLiMP: every paradigm of the paper is either measured or listed as skipped with a reason
     measured = set(pd.read_csv(tmp_path / "blimp_summary.csv").paradigm)
     skipped = set(pd.read_csv(tmp_path / "blimp_skipped.csv").paradigm)
@@ -321,7 +334,12 @@ def test_counterfact_section_with_the_data(tiny, tmp_path, data_dir):
     # the setting differs from ROME's published numbers, and the report says how
     assert "covariance off" in rep.path.read_text()
     head = pd.read_csv(tmp_path / "headline.csv")
-    assert head[head.result.str.startswith("CounterFact")].paper_setting.str.contains("covariance on").all()
+    cf = head[head.result.str.startswith("CounterFact")]
+    assert cf[cf.paper.notna()].paper_setting.str.contains("covariance on").all()
+    # before -> after on the same records, with a verdict computed by a rule
+    paired = pd.read_csv(tmp_path / "counterfact_paired.csv")
+    assert {"before", "after", "diff", "diff_lo", "diff_hi", "good_to_bad", "bad_to_good", "verdict"} <= set(paired.columns)
+    assert "verdict: " in rep.path.read_text() and "n = 7,500" not in rep.path.read_text()
 
 
 @pytest.mark.slow

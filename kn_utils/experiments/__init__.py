@@ -39,6 +39,10 @@ A unit is a module of this package with these names:
     carry ``worker`` and ``seconds``), ``sec.text`` (generated from the numbers), ``sec.sizes``,
     ``sec.figures`` (PNGs written into ``out`` through :func:`common.figure` / ``bar_figure``).
     No model: it runs under ``--render-only``.
+``DERIVED`` (optional)
+    a unit with no items of its own, rendered from the records of these units (e.g. ``syntax``
+    from Table 8 and Table 9); the report renders it whenever they have records, through
+    ``derived_plan(plans)`` when the unit's own plan is missing.
 ``headline(sec) -> [(result, ours, ci_lo, ci_hi, n, paper, paper_setting), ...]``
     the unit's rows of ``headline.csv``.
 
@@ -47,10 +51,10 @@ units in one process (Dai / Table 9 and Fig 6b / Table 8 reuse each other's).
 """
 from __future__ import annotations
 
-from . import blimp, counterfact, dai, fig6b, table1, table8, table9, tracing
+from . import blimp, counterfact, dai, fig6b, syntax, table1, table8, table9, tracing
 from .common import SCALES, Context, Section, SectionSkipped
 
-UNITS = {u.NAME: u for u in (table1, counterfact, dai, fig6b, table9, blimp, table8, tracing)}
+UNITS = {u.NAME: u for u in (table1, counterfact, dai, fig6b, table9, blimp, table8, syntax, tracing)}
 SECTIONS = tuple(UNITS)
 TITLES = {name: u.TITLE for name, u in UNITS.items()}
 

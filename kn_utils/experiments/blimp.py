@@ -51,7 +51,8 @@ def summarise(records, plan, sec, out):
     sec.tables["summary"] = table
     if skipped:
         sec.tables["skipped"] = pd.DataFrame(skipped)
-    sec.sizes = {"pairs_per_paradigm": plan["sizes"]["blimp_n"], "paradigms": len(table),
+    sec.sizes = {"pairs_per_paradigm": plan["sizes"]["blimp_n"],
+                 "report_minimum": paper.size_note("blimp", plan["sizes"]["blimp_n"]), "paradigms": len(table),
                  "skipped": [s["paradigm"] for s in skipped]}
     n_above = int(table.above_chance.sum()) if len(table) else 0
     sec.text = (f"{n_above} of {len(table)} readable paradigms are above chance (Wilson lower bound > 50 %). "

@@ -17,14 +17,17 @@ import pandas as pd
 SCALES = {
     "smoke": dict(rome_n=2, kn_n=2, counterfact_n=2, facts_per_relation=1, max_relations=2,
                   blimp_n=10, bag_prompts=4, fig6b_pairs=10, aie_n=2, trace_samples=2, ig_steps=3,
-                  rome_steps=2, agreement_pool=20),
+                  rome_steps=2, agreement_pool=20, rome_configs=1),
     "report": dict(rome_n=100, kn_n=20, counterfact_n=50, facts_per_relation=3, max_relations=None,
                    blimp_n=200, bag_prompts=20, fig6b_pairs=200, aie_n=50, trace_samples=10, ig_steps=20,
-                   rome_steps=None, agreement_pool=100),
+                   rome_steps=None, agreement_pool=100, rome_configs=2),
     "paper": dict(rome_n=None, kn_n=None, counterfact_n=2000, facts_per_relation=None,
                   max_relations=None, blimp_n=1000, bag_prompts=1000, fig6b_pairs=1000, aie_n=1000,
-                  trace_samples=10, ig_steps=20, rome_steps=None, agreement_pool=1000),
+                  trace_samples=10, ig_steps=20, rome_steps=None, agreement_pool=1000, rome_configs=2),
 }
+# rome_configs: 1 runs ROME in the paper's configuration only (covariance off, the paper-config
+# preset's layer); 2 also in ROME's own (covariance on, "rome-cov" items), so a report shows what
+# the configuration does (issue 17 §6).
 # Sizes that take "none" (= all the data holds); every other size is a positive integer.
 NONE_OK = ("rome_n", "kn_n", "counterfact_n", "facts_per_relation", "max_relations", "rome_steps")
 
@@ -48,6 +51,7 @@ class Section:
     error: str | None = None
     skipped: str | None = None
     status: dict = field(default_factory=dict)      # n_done, n_planned, n_minimum, below_minimum
+    csv_only: tuple = ()                            # tables written as CSV but not shown in REPORT.md
 
 
 class Context:
@@ -59,10 +63,16 @@ class Context:
         self._kn = {}
         self.reused = 0
 
-    def rome_hparams(self):
+    def rome_hparams(self, config: str = "paper"):
+        """ROME's preset for the model in ``config`` ("paper": covariance off; "rome": ROME's own,
+        covariance on); at smoke sizes a few Adam steps and no statistics pass either way."""
+        import warnings
+
         from ..editing.rome import ROMEHyperParams
 
-        hp = ROMEHyperParams.for_model(self.lm)
+        with warnings.catch_warnings():   # the CPU statistics-size warning: said in the report
+            warnings.simplefilter("ignore")
+            hp = ROMEHyperParams.for_model(self.lm, config)
         if self.sizes["rome_steps"] is not None:   # smoke: a few Adam steps, no statistics pass
             hp = dataclasses.replace(hp, v_num_grad_steps=self.sizes["rome_steps"], mom2_adjustment=False,
                                      context_template_length_params=[[2, 1]])
@@ -275,3 +285,37 @@ def blimp_bag_items(ctx, uids):
             if len(bag) >= 2:
                 out.append({"id": f"{uid}/{group}", "paradigm": uid, "group": group, "pairs": pairs, "bag": bag})
     return out, skipped, "; ".join(sorted(s for s in sources if s))
+
+
+# ----------------------------------------------------------------------------------------------
+# evidence: paired before -> after rows and verdict lines (kn_utils.stats / kn_utils.verdicts)
+# ----------------------------------------------------------------------------------------------
+def paired_row(before, after, scale: float = 100.0) -> dict:
+    """stats.paired_difference of per-item values as report columns (in % for fractions): before,
+    after (each with its interval), diff = after - before with its paired interval, n, method, p,
+    and the 1 -> 0 / 0 -> 1 flips where the values are 0/1.  The Paired itself is under "_paired"."""
+    from ..stats import paired_difference
+
+    p = paired_difference(pd.Series(before, dtype=float).to_numpy(), pd.Series(after, dtype=float).to_numpy())
+    row = {"before": scale * p.before, "before_lo": scale * p.before_lo, "before_hi": scale * p.before_hi,
+           "after": scale * p.after, "after_lo": scale * p.after_lo, "after_hi": scale * p.after_hi,
+           "diff": scale * p.diff, "diff_lo": scale * p.lo, "diff_hi": scale * p.hi, "n": p.n,
+           "method": p.method, "p": p.p}
+    if p.good_to_bad is not None:
+        row.update(good_to_bad=p.good_to_bad, bad_to_good=p.bad_to_good)
+    row["_paired"] = p
+    return row
+
+
+def after_interval(row) -> dict:
+    """The after value of a :func:`paired_row` as an interval for kn_utils.verdicts (fractions)."""
+    return {"mean": row["after"] / 100, "lo": row["after_lo"] / 100, "hi": row["after_hi"] / 100, "n": row["n"]}
+
+
+def verdict_line(v, what: str = "") -> str:
+    """"verdict: <verdict> — <reason>" (the report's form, next to each result)."""
+    return f"{what + ' ' if what else ''}verdict: {v.verdict} — {v.reason}"
+
+
+def strip_private(rows) -> pd.DataFrame:
+    return pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])

@@ -16,7 +16,7 @@ from . import UNITS
 from .common import Section, atomic_csv, atomic_write_text, markdown_table
 
 # the order of headline.csv's rows (as before the units)
-HEADLINE_ORDER = ("table1", "counterfact", "dai", "blimp", "fig6b", "table8", "table9", "tracing")
+HEADLINE_ORDER = ("table1", "counterfact", "dai", "blimp", "fig6b", "table8", "table9", "syntax", "tracing")
 HEADLINE_COLUMNS = ["result", "ours", "ci_lo", "ci_hi", "n", "paper", "paper_setting"]
 META_FILE = "report.json"
 
@@ -48,6 +48,9 @@ def build_sections(out) -> tuple[list[Section], list[dict], dict]:
     store, sections, used, plans = Store(out), [], [], {}
     for key in UNITS:
         plan = store.plan(key)
+        derived = getattr(UNITS[key], "DERIVED", ())
+        if plan is None and derived and all(store.plan(d) is not None for d in derived):
+            plan = UNITS[key].derived_plan({d: store.plan(d) for d in derived})
         if plan is None:
             continue
         plans[key] = plan
@@ -135,7 +138,10 @@ def render(sections, meta, plan) -> str:
               f"{meta['workers']} worker process(es))",
               f"- report minimum: {'NOT met by every section' if meta['below_minimum'] else 'met'}"
               f" (issue 21's sizes; a section below it says so)",
-              "- intervals: 95 %, Wilson for proportions, Student t for means (kn_utils.stats)",
+              "- intervals: 95 %, over items: Wilson for proportions, Student t for means, paired before -> "
+              "after as McNemar mid-p with Newcombe's interval (0/1 values) or paired t (kn_utils.stats)",
+              "- verdicts: computed by the rules of kn_utils.verdicts from those intervals, printed as "
+              "\"verdict: <verdict> — <reason>\" beside each result (docs/reproduction.md lists the rules)",
               "- paper numbers: kn_utils/paper.py (each with its table / figure)", "",
               "| section | items done / planned | report minimum | compute time (s) | status |",
               "|---|---|---|---|---|"]
@@ -162,8 +168,9 @@ def render(sections, meta, plan) -> str:
             continue
         lines += ["", f"Sizes: `{s.sizes}`", "", f"Data: {s.source or 'n/a'}", "", s.text, ""]
         for name, df in s.tables.items():
-            if name in ("items", "facts") or name.startswith("aie_"):
-                lines.append(f"- per-item table: [{s.key}_{name}.csv]({s.key}_{name}.csv) ({len(df)} rows)")
+            if name in ("items", "facts") or name.startswith("aie_") or name in s.csv_only:
+                what = "wide table (CSV only)" if name in s.csv_only else "per-item table"
+                lines.append(f"- {what}: [{s.key}_{name}.csv]({s.key}_{name}.csv) ({len(df)} rows)")
                 continue
             lines += [f"**{name}** ([{s.key}_{name}.csv]({s.key}_{name}.csv))", "",
                       markdown_table(df.drop(columns=[c for c in ("neurons", "worker", "seconds") if c in df])), ""]

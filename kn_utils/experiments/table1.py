@@ -1,32 +1,52 @@
-"""Table 1: ROME and KN edits on ParaRel (reliability, symmetry, synonymy).
+"""Table 1: ROME and KN edits on ParaRel, before -> after (reliability, generality, locality,
+symmetry, synonymy).
 
 Item: one edit, ``<editor>/<relation>/<fact index in the relation's file>`` (e.g. ``rome/P36/000012``),
-computed by :func:`kn_utils.evaluation.evaluate_edits` on that one item.  The new target of an item
-comes from a neighbouring fact of the first ``n`` (wrapping), so ``rome_n`` / ``kn_n`` are part of
-the record key."""
+computed by :func:`kn_utils.evaluation.evaluate_edits` on that one item.  ``rome`` items run ROME in
+the paper's configuration (covariance off), ``rome-cov`` items (size ``rome_configs`` = 2) in ROME's
+own (covariance on).  The new target of an item comes from a neighbouring fact of the first ``n``
+(wrapping), so ``rome_n`` / ``kn_n`` are part of the record key.
+
+Every criterion is a paired before -> after difference over the edits (:func:`kn_utils.stats.
+paired_difference`); its verdict is :func:`kn_utils.verdicts.criterion` (an edit whose locality is
+below :data:`kn_utils.verdicts.GLOBAL_BELOW` is global and gets no "holds")."""
 from __future__ import annotations
 
 import pandas as pd
 
-from .. import paper
+from .. import paper, verdicts
 from ..stats import summarize
-from .common import bar_figure, item_frame, ok, pct, sure
+from .common import after_interval, bar_figure, item_frame, ok, paired_row, pct, strip_private, verdict_line
 
 NAME = "table1"
 TITLE = "Table 1: ROME and KN edits on ParaRel (reliability, symmetry, synonymy)"
-VERSION = 1
+# 2: rome-cov items (ROME's own configuration) and locality_acc_pre recorded
+VERSION = 2
 RESULT_SIZES = ("rome_n", "kn_n", "rome_steps", "ig_steps")
 MINIMUM = {"rome_n": 100, "kn_n": 20}
 RELATIONS = ("P36", "P1376", "P101")
 EDITORS = ("rome", "kn")
+# item prefix -> (editor, ROME configuration); the report's "editor" column is the prefix
+CONFIGS = {"rome": ("rome", "paper"), "rome-cov": ("rome", "rome"), "kn": ("kn", None)}
+CRITERIA = ("reliability", "generality", "locality", "symmetry", "synonym")
 
 
 def _n(ctx, editor):
     return ctx.sizes["rome_n" if editor == "rome" else "kn_n"]
 
 
+def labels(ctx):
+    return ["rome", "kn"] + (["rome-cov"] if ctx.sizes.get("rome_configs", 1) >= 2 else [])
+
+
+def _hparams(ctx, label):
+    editor, config = CONFIGS[label]
+    return ctx.rome_hparams(config) if editor == "rome" else ctx.kn_hparams()
+
+
 def settings(ctx):
-    return {"rome_hparams": repr(ctx.rome_hparams()), "kn_hparams": ctx.kn_hparams()}
+    return {"rome_hparams": repr(ctx.rome_hparams()), "kn_hparams": ctx.kn_hparams(),
+            **({"rome_cov_hparams": repr(ctx.rome_hparams("rome"))} if "rome-cov" in labels(ctx) else {})}
 
 
 def plan(ctx):
@@ -34,25 +54,29 @@ def plan(ctx):
     from ..data.pararel import load_bags
 
     items, sources = [], set()
-    for editor in EDITORS:
+    for label in labels(ctx):
+        editor = CONFIGS[label][0]
         n = _n(ctx, editor)
         for rel in RELATIONS:
             bags = load_bags(rel, data_dir=ctx.data_dir, n=None if n is None else max(n, 2))
             sources.add(source_of(bags) or "")
             count = min(len(bags), n) if n is not None else len(bags)
-            items += [{"id": f"{editor}/{rel}/{i:06d}", "editor": editor, "relation": rel, "index": i}
+            items += [{"id": f"{label}/{rel}/{i:06d}", "label": label, "relation": rel, "index": i}
                       for i in range(count)]
-    n_min = sum(MINIMUM[f"{e}_n"] for e in EDITORS) * len(RELATIONS)
-    return {"items": items, "source": "; ".join(sorted(s for s in sources if s)), "n_minimum": n_min}
+    n_min = sum(MINIMUM[f"{CONFIGS[lab][0]}_n"] for lab in labels(ctx)) * len(RELATIONS)
+    rome = {lab: {"layer": _hparams(ctx, lab).layer, "mom2_adjustment": _hparams(ctx, lab).mom2_adjustment,
+                  "mom2_n_samples": _hparams(ctx, lab).mom2_n_samples} for lab in labels(ctx) if lab != "kn"}
+    return {"items": items, "source": "; ".join(sorted(s for s in sources if s)), "n_minimum": n_min,
+            "info": {"rome": rome}}
 
 
 def compute(ctx, item):
     from ..evaluation import evaluate_edits
 
-    editor, rel = item["editor"], item["relation"]
-    hp = ctx.rome_hparams() if editor == "rome" else ctx.kn_hparams()
+    label, rel = item["label"], item["relation"]
+    editor = CONFIGS[label][0]
     df = evaluate_edits(ctx.lm, editor=editor, relation=rel, n=_n(ctx, editor), data_dir=ctx.data_dir,
-                        hparams=hp, progress=False, items=[item["index"]])
+                        hparams=_hparams(ctx, label), progress=False, items=[item["index"]])
     return _result(item, df)
 
 
@@ -64,21 +88,20 @@ def BATCH(ctx):  # noqa: N802 (the unit attribute the runner reads: an int or a 
 
 
 def compute_batch(ctx, items):
-    """:func:`compute` of each item: the ROME items of one relation with one update computation
-    (``evaluate_edits(..., batch_rome=True)``: every update on the unedited weights, then apply,
-    measure, restore each, as the one-item path does), any other item alone."""
+    """:func:`compute` of each item: the ROME items of one configuration and relation with one
+    update computation (``evaluate_edits(..., batch_rome=True)``: every update on the unedited
+    weights, then apply, measure, restore each, as the one-item path does), any other item alone."""
     from ..evaluation import evaluate_edits
 
-    out = {}
-    groups = {}
+    out, groups = {}, {}
     for item in items:
-        if item["editor"] == "rome":
-            groups.setdefault(item["relation"], []).append(item)
+        if CONFIGS[item["label"]][0] == "rome":
+            groups.setdefault((item["label"], item["relation"]), []).append(item)
         else:
             out[item["id"]] = compute(ctx, item)
-    for rel, group in groups.items():
+    for (label, rel), group in groups.items():
         df = evaluate_edits(ctx.lm, editor="rome", relation=rel, n=_n(ctx, "rome"), data_dir=ctx.data_dir,
-                            hparams=ctx.rome_hparams(), progress=False, items=[it["index"] for it in group],
+                            hparams=_hparams(ctx, label), progress=False, items=[it["index"] for it in group],
                             batch_rome=True)
         for item in group:
             out[item["id"]] = _result(item, df)
@@ -87,20 +110,48 @@ def compute_batch(ctx, items):
 
 def _result(item, df):
     """The item's record from evaluate_edits' rows (its row, or why it was skipped)."""
-    editor, rel = item["editor"], item["relation"]
+    label, rel = item["label"], item["relation"]
     rows = df[df["item"] == item["index"]] if len(df) else df
     if rows.empty:
         why = dict(df.attrs.get("skipped", [])).get(item["index"], "skipped")
-        return {"_skipped": why, "editor": editor, "relation": rel, "item": item["index"]}
-    return rows.iloc[0].to_dict()
+        return {"_skipped": why, "editor": label, "relation": rel, "item": item["index"]}
+    row = rows.iloc[0].to_dict()
+    # locality_acc is the share of the neighbours' argmax tokens the edit left unchanged: the
+    # unedited model agrees with itself, so its value before the edit is 1 by definition
+    row.update(editor=label, config=CONFIGS[label][1] or "", locality_acc_pre=1.0)
+    return row
+
+
+def _paired_rows(df, label, rel):
+    """One paired before -> after row per criterion recorded for these items (fractions -> %)."""
+    loc_after = df["locality_acc"].astype(float).mean() if "locality_acc" in df else float("nan")
+    glob = verdicts.global_edit(loc_after)
+    ref = paper.PAPER_TABLE1[rel][1]["gpt2-xl"] if label == "rome" else None
+    crit = paper.PAPER_TABLE1[rel][0]
+    rows = []
+    for c in CRITERIA:
+        pre, post = f"{c}_acc_pre", f"{c}_acc"
+        if c == "locality" and pre not in df and post in df:
+            df = df.assign(locality_acc_pre=1.0)     # records of version 1: 1 by definition
+        if post not in df or pre not in df or df[post].isna().all():
+            continue
+        row = {"editor": label, "relation": rel, "criterion": c,
+               **paired_row(df[pre], df[post])}
+        v = glob if c == "locality" else verdicts.criterion(row["_paired"], loc_after)
+        row["paper_after"] = (ref[0] if c == "reliability" else ref[1] if c == crit else float("nan")) if ref \
+            else float("nan")
+        row.update(verdict=v.verdict, reason=v.reason, _verdict=v)
+        rows.append(row)
+    return rows, glob
 
 
 def summarise(records, plan, sec, out):
-    rows, per_item = [], []
     good = ok(records)
-    for editor in EDITORS:
+    rows, per_item, paired, globs = [], [], [], {}
+    present = [lab for lab in CONFIGS if any(r["result"]["editor"] == lab for r in good)]
+    for label in present:
         for rel in RELATIONS:
-            df = item_frame([r for r in good if r["result"]["editor"] == editor and r["result"]["relation"] == rel])
+            df = item_frame([r for r in good if r["result"]["editor"] == label and r["result"]["relation"] == rel])
             if df.empty:
                 continue
             per_item.append(df)
@@ -110,51 +161,93 @@ def summarise(records, plan, sec, out):
                                 ("reliability (prob)", "reliability_prob"), (f"{crit} (prob)", f"{crit}_prob")):
                 if col not in df:
                     continue
-                rec = {"editor": editor, "relation": rel, "metric": metric,
+                rec = {"editor": label, "relation": rel, "metric": metric,
                        **pct(summarize(df[col].astype(float), bounds=(0, 1)))}
-                # KN rows are never put beside ROME's published numbers
-                ref = paper.PAPER_TABLE1[rel][1]["gpt2-xl"] if editor == "rome" else None
+                # only the paper-config ROME rows go beside ROME's published (covariance-off) numbers
+                ref = paper.PAPER_TABLE1[rel][1]["gpt2-xl"] if label == "rome" else None
                 rec["paper_gpt2xl"] = (ref[0] if metric == "reliability" else ref[1] if metric == crit
                                        else float("nan")) if ref else float("nan")
                 rows.append(rec)
+            prs, globs[(label, rel)] = _paired_rows(df, label, rel)
+            paired += prs
     table = pd.DataFrame(rows)
     sec.tables["summary"] = table
+    sec.tables["paired"] = strip_private(paired)
     sec.tables["items"] = pd.concat(per_item, ignore_index=True) if per_item else pd.DataFrame()
-    sec.sizes = {"rome_n_per_relation": plan["sizes"]["rome_n"], "kn_n_per_relation": plan["sizes"]["kn_n"],
+    sizes = plan["sizes"]
+    sec.sizes = {"rome_n_per_relation": sizes["rome_n"], "kn_n_per_relation": sizes["kn_n"],
+                 "rome_configs": sizes.get("rome_configs", 1),
                  "items_evaluated": {f"{d['editor'].iloc[0]}/{d['relation'].iloc[0]}": len(d) for d in per_item}}
-    texts = []
-    for rel in RELATIONS:
-        crit = paper.PAPER_TABLE1[rel][0]
-        if table.empty:
-            break
-        part = table[(table.editor == "rome") & (table.relation == rel)].set_index("metric")
-        if "reliability" not in part.index or crit not in part.index:
-            continue
-        r, c = part.loc["reliability"], part.loc[crit]
-        holds = r["ci_lo"] > c["ci_hi"]
-        texts.append(f"{rel}: ROME reliability {r['ours']:.1f} % [{r['ci_lo']:.1f}, {r['ci_hi']:.1f}] vs "
-                     f"{crit} {c['ours']:.1f} % [{c['ci_lo']:.1f}, {c['ci_hi']:.1f}] (paper GPT-2 XL "
-                     f"{r['paper_gpt2xl']:.1f} / {c['paper_gpt2xl']:.1f}): the paper's finding (edits "
-                     f"succeed on the edited prompt, not on its {crit} counterpart) "
-                     f"{'holds' if holds else 'is not shown'} here ({sure(int(r['n']), c['ci_lo'], c['ci_hi'])}).")
-    sec.text = " ".join(texts)
+    sec.text = _text(paired, globs, plan, per_item)
     fig_rows = table[table.metric.isin(["reliability", "symmetry", "synonym"])] if len(table) else table
     if not fig_rows.empty:
         sec.figures.append(bar_figure(out, "table1", fig_rows.assign(
             label=fig_rows.editor + " " + fig_rows.relation + " " + fig_rows.metric), "label",
-            "Table 1: token accuracy of the new answer (%)"))
+            "Table 1: token accuracy of the new answer after the edit (%)"))
+
+
+def _text(paired, globs, plan, per_item):
+    lines = [
+        "Each criterion is measured on the same edits before and after the edit (table **paired**: "
+        "before, after, after - before with its 95 % interval: McNemar mid-p with Newcombe's interval "
+        "where every value is 0/1, else paired t over edits). The paper prints after-only values "
+        "(`paper_after`, ROME on GPT-2 XL, covariance off): our **after** column is the number comparable "
+        "to it; the paired difference is what the edit did, which the paper does not print (a criterion "
+        "the unedited model already scores, e.g. token credit on multi-token subjects, is no effect of "
+        "the edit). Verdict rules (kn_utils.verdicts): an edit whose mean locality after the edit is below "
+        f"{verdicts.GLOBAL_BELOW:g} is *global* and none of its criteria is assessed; otherwise a criterion "
+        f"*changes* when the paired interval excludes 0, shows *no change* when it includes 0 and lies "
+        f"within +-{100 * verdicts.NO_CHANGE_WITHIN:g} points, else is undecided at its n."]
+    rome = plan.get("info", {}).get("rome", {})
+    for lab, hp in rome.items():
+        lines.append(f"- `{lab}` items: ROME at layer {hp['layer']}, covariance "
+                     + (f"on (statistics from {hp['mom2_n_samples']:,} texts)" if hp["mom2_adjustment"]
+                        else "off") + ("" if lab == "rome" else " — ROME's own configuration, beside the "
+                                       "paper's so a reader sees what the configuration does") + ".")
+    for p in paired:
+        size = paper.size_note("table1_rome" if p["editor"] != "kn" else "table1_kn", p["n"])
+        lines.append(f"- {p['editor']} {p['relation']} {p['criterion']}: {p['before']:.1f} → {p['after']:.1f} % "
+                     f"(after - before {p['diff']:+.1f} [{p['diff_lo']:+.1f}, {p['diff_hi']:+.1f}] points, "
+                     f"{size}); " + verdict_line(p["_verdict"]))
+    for (lab, rel), g in globs.items():
+        rel_row = next((p for p in paired if p["editor"] == lab and p["relation"] == rel
+                        and p["criterion"] == "reliability"), None)
+        crit = paper.PAPER_TABLE1[rel][0]
+        crit_row = next((p for p in paired if p["editor"] == lab and p["relation"] == rel
+                         and p["criterion"] == crit), None)
+        if rel_row is None or crit_row is None:
+            continue
+        if g.verdict == "global":
+            v = verdicts.Verdict("not assessed: global edit", g.reason)
+        else:
+            v = verdicts.exceeds(after_interval(rel_row), after_interval(crit_row), ("reliability", crit))
+        lines.append(f"- {lab} {rel}: the paper's finding (reliability after the edit exceeds {crit}) — "
+                     + verdict_line(v))
+    return "\n".join(lines)
 
 
 def headline(sec):
-    t1, rows = sec.tables.get("summary"), []
+    t1, pr, rows = sec.tables.get("summary"), sec.tables.get("paired"), []
     if t1 is None or t1.empty:
         return rows
-    for rel in RELATIONS:
-        crit = paper.PAPER_TABLE1[rel][0]
-        for metric in ("reliability", crit):
-            r = t1[(t1.editor == "rome") & (t1.relation == rel) & (t1.metric == metric)]
-            if len(r):
+    for label, name in (("rome", "ROME"), ("rome-cov", "ROME-cov")):
+        for rel in RELATIONS:
+            crit = paper.PAPER_TABLE1[rel][0]
+            for metric in ("reliability", crit):
+                r = t1[(t1.editor == label) & (t1.relation == rel) & (t1.metric == metric)]
+                if not len(r):
+                    continue
                 r = r.iloc[0]
-                rows.append((f"Table 1 ROME {rel} {metric} (token acc. %)", r.ours, r.ci_lo, r.ci_hi, r.n,
-                             r.paper_gpt2xl, "GPT-2 XL"))
+                base = f"Table 1 {name} {rel} {metric}"
+                rows.append((f"{base} (token acc. %)", r.ours, r.ci_lo, r.ci_hi, r.n, r.paper_gpt2xl,
+                             "GPT-2 XL" if label == "rome" else ""))
+                if metric != crit or pr is None or not len(pr):
+                    continue
+                p = pr[(pr.editor == label) & (pr.relation == rel) & (pr.criterion == metric)]
+                if len(p):
+                    p = p.iloc[0]
+                    rows.append((f"{base}: before (token acc. %)", p.before, p.before_lo, p.before_hi, p.n,
+                                 float("nan"), ""))
+                    rows.append((f"{base}: after − before (points)", p["diff"], p.diff_lo, p.diff_hi, p.n,
+                                 float("nan"), ""))
     return rows

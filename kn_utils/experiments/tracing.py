@@ -3,8 +3,8 @@
 Item: one traced prompt, ``facts/<known_id>`` or ``dna/<rank>`` / ``sva/<rank>`` (rank among the
 pool's likeliest good forms), traced for the three kinds (hidden, MLP, attention) with the set's
 data-set-wide noise level (ROME's "s3" over the set's subjects, fixed when the set is planned).
-A record keeps each kind's per-(token, layer) scores, rounded, so the averages and figures are
-rebuilt from records alone."""
+A record keeps each kind's per-(token, layer) scores, rounded, so the averages, the peaks (t over
+items, :func:`kn_utils.stats.aie_peak`) and figures are rebuilt from records alone."""
 from __future__ import annotations
 
 import pandas as pd
@@ -95,13 +95,25 @@ def _traces(records, kind, keep_correct):
     return out
 
 
-def _peak(aie, cls):
-    """Largest AIE over layers of one token class: (aie, layer, its 95 % half-width)."""
-    part = aie[aie.token_class == cls]
-    if part.empty:
-        return float("nan"), -1, float("nan")
-    row = part.loc[part.aie.idxmax()]
-    return float(row.aie), int(row.layer), float(row.ci95)
+CLASSES = {"lst": "last subject token", "last": "last token"}
+
+
+def _peaks(traces_by_kind):
+    """Per kind and token class: :func:`kn_utils.stats.aie_peak` over the items' own effects (t over
+    items; relative to each item's total effect), items where the class coincides with another
+    (an agreement prompt ending at its corrupted word) dropped and counted."""
+    from ..evidence import class_effects
+    from ..stats import aie_peak
+
+    out, counts = {}, {}
+    for kind, traces in traces_by_kind.items():
+        for short, cls in CLASSES.items():
+            e, te, dropped = class_effects(traces, cls)
+            counts[short] = (len(e), dropped)
+            nan = float("nan")
+            out[(kind, short)] = aie_peak(e, te) if len(e) else {
+                "layer": -1, "aie": nan, "lo": nan, "hi": nan, "n": 0, "relative": nan, "rel_lo": nan, "rel_hi": nan}
+    return out, counts
 
 
 def summarise(records, plan, sec, out):
@@ -113,17 +125,18 @@ def summarise(records, plan, sec, out):
     sec.sizes["only_correct"] = info.get("only_correct", {})
     for name, why in info.get("skipped", {}).items():
         sec.sizes[f"{name}_skipped"] = why
-    rows, tables = [], {}
+    rows, tables, peaks = [], {}, {}
     for name in SETS:
         recs = [r for r in records if r["result"]["set"] == name]
         if not recs:
             continue
         keep_correct = info.get("only_correct", {}).get(name, False)
-        aie = {}
+        aie, traces_by_kind = {}, {}
         for kind in KINDS:
             traces = _traces(recs, kind, keep_correct)
             if not traces:
                 break
+            traces_by_kind[kind] = traces
             aie[kind] = aggregate_traces(traces, kind)
             aie[kind].attrs["n_skipped"] = len(recs) - len(traces)
         if len(aie) < len(KINDS):
@@ -133,55 +146,82 @@ def summarise(records, plan, sec, out):
         tables[name] = pd.concat([df.assign(kind=k) for k, df in aie.items()], ignore_index=True)
         h = aie["hidden"].attrs
         clean, corrupted = h["high_score"], h["low_score"]
-        ph, lh, _ = _peak(aie["hidden"], "last subject token")
-        pm, lm_, cm = _peak(aie["mlp"], "last subject token")
-        pa, la, _ = _peak(aie["attn"], "last subject token")
-        pm_last, lm_last, _ = _peak(aie["mlp"], "last token")
-        pa_last, la_last, _ = _peak(aie["attn"], "last token")
-        rows.append({"items": name, "n_traced": h["n_items"], "clean": 100 * clean, "corrupted": 100 * corrupted,
-                     "total_effect": 100 * (clean - corrupted), "peak_hidden_lst": 100 * ph, "layer_hidden_lst": lh,
-                     "peak_mlp_lst": 100 * pm, "peak_mlp_lst_ci95": 100 * cm, "layer_mlp_lst": lm_,
-                     "peak_attn_lst": 100 * pa, "layer_attn_lst": la,
-                     "peak_mlp_last": 100 * pm_last, "layer_mlp_last": lm_last,
-                     "peak_attn_last": 100 * pa_last, "layer_attn_last": la_last, "n_layers": L})
+        pk, counts = _peaks(traces_by_kind)
+        peaks[name] = pk
+        row = {"items": name, "n_traced": h["n_items"], "clean": 100 * clean, "corrupted": 100 * corrupted,
+               "total_effect": 100 * (clean - corrupted)}
+        for (kind, short), p in pk.items():
+            row.update({f"peak_{kind}_{short}": 100 * p["aie"], f"layer_{kind}_{short}": p["layer"],
+                        f"peak_{kind}_{short}_lo": 100 * p["lo"], f"peak_{kind}_{short}_hi": 100 * p["hi"],
+                        f"peak_{kind}_{short}_ci95": 100 * (p["hi"] - p["lo"]) / 2,
+                        f"rel_{kind}_{short}": p["relative"], f"rel_{kind}_{short}_lo": p["rel_lo"],
+                        f"rel_{kind}_{short}_hi": p["rel_hi"]})
+        for short, (n, dropped) in counts.items():
+            row.update({f"n_{short}": n, f"dropped_coinciding_{short}": dropped})
+        row.update(n_layers=L, method="t over items at the peak layer; relative: delta-method t")
+        rows.append(row)
         sec.figures.append(figure(out, plot_aie, f"tracing_{name}", aie, title=f"AIE: {name}"))
     table = pd.DataFrame(rows)
     rt = paper.ROME_TRACING
     sec.tables["summary"] = table
+    sec.csv_only = ("summary",)     # one wide row per set: the long "peaks" table is the one shown
+    sec.tables["peaks"] = pd.DataFrame(
+        [{"items": name, "kind": kind, "token class": CLASSES[short], "layer": p["layer"], "aie %": 100 * p["aie"],
+          "lo": 100 * p["lo"], "hi": 100 * p["hi"], "n": p["n"], "relative": p["relative"], "rel_lo": p["rel_lo"],
+          "rel_hi": p["rel_hi"], "interval": "t over items"}
+         for name, pk in peaks.items() for (kind, short), p in pk.items()])
     sec.tables["paper"] = pd.DataFrame([{**rt, "source": paper.TRACING_SOURCE}])
     for name, df in tables.items():
         sec.tables[f"aie_{name}"] = df
     sec.sizes.update({"facts_known": info.get("facts_known"), "n_per_set": info.get("n_per_set"),
-                      "noise_samples": info.get("noise_samples")})
-    sec.text = _text(table, L, rt)
+                      "noise_samples": info.get("noise_samples"),
+                      "report_minimum": paper.size_note("aie", info.get("facts_known"))})
+    sec.text = _text(table, peaks, L, rt)
 
 
-def _text(table, L, rt):
-    texts = []
-    if "facts" in set(table.get("items", [])):
-        f = table.set_index("items").loc["facts"]
-        # the MLP peak must clear attention's by more than its own 95 % half-width, in the first half
-        split = f.peak_mlp_lst - f.peak_mlp_lst_ci95 > f.peak_attn_lst and f.layer_mlp_lst < L / 2
-        verdict = ("cannot be judged from so few items" if f.n_traced < 10 else
-                   "appears" if split else "does not appear")
-        texts.append(f"Facts ({int(f.n_traced)} traced): clean {f.clean:.1f} %, corrupted {f.corrupted:.1f} %, "
-                     f"total effect {f.total_effect:.1f} % (ROME GPT-2 XL {rt['clean']} / {rt['corrupted']} / "
-                     f"{rt['total_effect']}); at the last subject token the MLP peaks at {f.peak_mlp_lst:.1f} % "
-                     f"(layer {int(f.layer_mlp_lst)} of {L}) vs attention {f.peak_attn_lst:.1f} % (ROME: "
-                     f"{rt['mlp_at_peak']} vs {rt['attn_at_peak']}): ROME's early-MLP site "
-                     f"{verdict} here.")
+def _fmt_peak(p, L):
+    rel = (f", {100 * p['relative']:.0f} % [{100 * p['rel_lo']:.0f}, {100 * p['rel_hi']:.0f}] of the total effect"
+           if p["relative"] == p["relative"] else "")
+    return (f"{100 * p['aie']:.2f} [{100 * p['lo']:.2f}, {100 * p['hi']:.2f}] % at layer {p['layer']} of {L}"
+            f" (n = {p['n']}{rel})")
+
+
+def _text(table, peaks, L, rt):
+    from .. import verdicts
+    from .common import verdict_line
+
+    texts = ["Peaks: the layer where the mean indirect effect over items is largest; its 95 % interval is "
+             "Student t over the items' own effects at that layer (each item counts once; a class with "
+             "several tokens is averaged within the item), and `rel_*` is the peak relative to the total "
+             "effect (clean - corrupted) with a delta-method t interval. Items where the token class is "
+             "the same token as another (an agreement prompt ending at or right after its corrupted word: "
+             "the last subject token is the last token) are dropped from that class and counted "
+             "(`dropped_coinciding_*`)."]
+    by = table.set_index("items") if len(table) else table
+    if "facts" in peaks:
+        f, pk = by.loc["facts"], peaks["facts"]
+        mlp, attn = pk[("mlp", "lst")], pk[("attn", "lst")]
+        v = verdicts.exceeds(mlp, attn, ("MLP peak", "attention peak"))
+        if v.verdict == "exceeds" and not mlp["layer"] < L / 2:
+            v = verdicts.Verdict("not at an early site", f"{v.reason}, but the MLP peaks at layer {mlp['layer']} "
+                                                         f">= {L / 2:g} (half the model)")
+        texts.append(f"- Facts ({int(f.n_traced)} traced; {paper.TRACING_SOURCE}): clean {f.clean:.1f} %, corrupted "
+                     f"{f.corrupted:.1f} %, total effect {f.total_effect:.1f} % (ROME GPT-2 XL {rt['clean']} / "
+                     f"{rt['corrupted']} / {rt['total_effect']}); at the last subject token the MLP peaks at "
+                     f"{_fmt_peak(mlp, L)}, attention at {_fmt_peak(attn, L)} (ROME: {rt['mlp_at_peak']} vs "
+                     f"{rt['attn_at_peak']}); ROME's early-MLP site (MLP interval above attention's, in the first "
+                     f"half of the layers) — " + verdict_line(v))
     for name in ("dna", "sva"):
-        if name in set(table.get("items", [])):
-            a = table.set_index("items").loc[name]
-            texts.append(f"{name.upper()} ({int(a.n_traced)} traced): MLP peak {a.peak_mlp_lst:.1f} % at layer "
-                         f"{int(a.layer_mlp_lst)}, attention {a.peak_attn_lst:.1f} % at layer {int(a.layer_attn_lst)} "
-                         f"(corrupted word's last token; effects on P(good form), top-1 or not); the paper finds the MLP/attention split vanishes for "
-                         f"agreement (GPT-2 XL MLP peaks at layers 30-35 of 48).")
-    n_traced = int(table.n_traced.min()) if len(table) else 0
-    texts.append("Peaks are single maxima over layers of a mean over items: "
-                 + ("treat them as indicative (fewer than 10 items)." if n_traced < 10 else
-                    "the aie_*.csv tables carry each layer's 95 % interval."))
-    return " ".join(texts)
+        if name in peaks:
+            a, pk = by.loc[name], peaks[name]
+            lo_l, hi_l, of = paper.PAPER_AGREEMENT_MLP_PEAK
+            texts.append(f"- {name.upper()} ({int(a.n_traced)} traced; effects on P(good form), top-1 or not; "
+                         f"{int(a.dropped_coinciding_lst)} items dropped from the last-subject-token class as it "
+                         f"coincides with another): MLP at the corrupted word's last token {_fmt_peak(pk[('mlp', 'lst')], L)}, "
+                         f"attention {_fmt_peak(pk[('attn', 'lst')], L)}; at the last token MLP "
+                         f"{_fmt_peak(pk[('mlp', 'last')], L)}. The paper ({paper.AGREEMENT_SOURCE}) finds the "
+                         f"MLP/attention split vanishes for agreement (GPT-2 XL MLP peaks at layers {lo_l}-{hi_l} of {of}).")
+    return "\n".join(texts)
 
 
 def headline(sec):
@@ -193,9 +233,13 @@ def headline(sec):
         facts = r["items"] == "facts"
         ref_m, ref_a = (rt["mlp_at_peak"], rt["attn_at_peak"]) if facts else (float("nan"), float("nan"))
         setting = "ROME, GPT-2 XL" if facts else ""
-        rows.append((f"AIE {r['items']}: MLP peak at last subject token (%, layer {int(r.layer_mlp_lst)})",
-                     r.peak_mlp_lst, r.peak_mlp_lst - r.peak_mlp_lst_ci95, r.peak_mlp_lst + r.peak_mlp_lst_ci95,
-                     r.n_traced, ref_m, setting))
-        rows.append((f"AIE {r['items']}: attention peak at last subject token (%, layer {int(r.layer_attn_lst)})",
-                     r.peak_attn_lst, float("nan"), float("nan"), r.n_traced, ref_a, setting))
+        # a class every item of the set drops (it coincides with another) has no peak: no row
+        classes = [("lst", "last subject token")] + ([] if facts else [("last", "last token")])
+        for short, cls in classes:
+            if not r.get(f"n_{short}", 0) > 0:
+                continue
+            for kind, label, ref in (("mlp", "MLP", ref_m), ("attn", "attention", ref_a)):
+                rows.append((f"AIE {r['items']}: {label} peak at {cls} (%, layer {int(r[f'layer_{kind}_{short}'])})",
+                             r[f"peak_{kind}_{short}"], r[f"peak_{kind}_{short}_lo"], r[f"peak_{kind}_{short}_hi"],
+                             r[f"n_{short}"], ref if short == "lst" else float("nan"), setting))
     return rows
