@@ -300,7 +300,7 @@ def test_batched_table1_rome_items_equal_item_by_item(tiny, tmp_path, builtin_on
 
     lm = tiny("llama")
     table1 = reproduce.UNITS["table1"]
-    sizes = {"rome_n": 3, "kn_n": 1, "rome_steps": 6}
+    sizes = {"rome_n": 3, "kn_n": 1, "rome_steps": 6, "rome_configs": 2}   # rome, rome-cov and kn items
     assert table1.BATCH(SimpleNamespace(lm=lm)) == 1    # on a CPU: item by item (measured faster)
     monkeypatch.setattr(table1, "BATCH", 1)         # the runner then calls compute item by item
     one = reproduce.reproduce(lm, "smoke", tmp_path / "one", sections=["table1"], sizes=sizes)
@@ -313,7 +313,7 @@ def test_batched_table1_rome_items_equal_item_by_item(tiny, tmp_path, builtin_on
     monkeypatch.setattr(rome_compute_module, "compute_values", counted)
     monkeypatch.setattr(table1, "BATCH", 4)
     many = reproduce.reproduce(lm, "smoke", tmp_path / "many", sections=["table1"], sizes=sizes)
-    assert not one.failed and not many.failed and one.computed == many.computed == 3 * 3 + 3
+    assert not one.failed and not many.failed and one.computed == many.computed == 2 * 3 * 3 + 3
     assert batches and max(batches) > 1, batches    # several requests' v* in one batch
     a, b = _results(tmp_path / "one", "table1"), _results(tmp_path / "many", "table1")
     assert a.keys() == b.keys() and any(not r.get("_skipped") for r in a.values())
