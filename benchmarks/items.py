@@ -7,16 +7,17 @@ the medians are reported.  The old tree is a detached ``git worktree`` of ``--ol
 
 * ``rome``: ``evaluate_edits(lm, "rome", relation, n=N)`` with the model's preset (the paper's
   configuration: 20 Adam steps, 21 context templates), seconds per item.  Variants: ``old``;
-  ``new`` (the same call on this tree: v* steps from the edited layer); ``new-batched`` (this tree:
-  the N requests' v* in one batch by ``rome_compute``, then the same evaluation with an editor that
-  applies each precomputed update, as a Table 1 unit computing a batch of items would).
+  ``new`` (the same call on this tree: v* steps from the edited layer); ``new-batched`` (this tree,
+  ``evaluate_edits(..., batch_rome=True)``: the N requests' v* in one batch by ``rome_compute``, a
+  request's rows leaving the batch when it stops, then apply / measure / restore each item, as
+  Table 1's ``compute_batch`` does).
 * ``aie``: one known fact traced for the three kinds (hidden, mlp, attn): ``old`` calls
   ``average_indirect_effect`` per kind, ``new`` calls ``average_indirect_effects`` once.
 
 Checks: the ROME rows' criteria must agree between variants and the AIE tables be identical; the
 largest differences are printed.
 
-    python benchmarks/items.py --what rome --n 3 --rounds 2
+    python benchmarks/items.py --what rome --n 6 --rounds 2
     python benchmarks/items.py --what aie --rounds 2
 """
 from __future__ import annotations
@@ -51,24 +52,11 @@ def worker(args):
         from kn_utils.editing.rome import ROMEHyperParams, context_templates
         hp = ROMEHyperParams.for_model(lm).resolve(lm)
         context_templates(lm, hp.context_template_length_params, hp.seed)   # generated once, cached
-        editor = "rome"
-        if args.variant == "new-batched":
-            requests = []
-
-            class Collect:   # the items' requests as evaluate_edits builds them (not timed)
-                def restore(self):
-                    pass
-            ku.evaluate_edits(lm, lambda lm, req: requests.append(req) or Collect(), args.relation,
-                              n=args.n, progress=False)
         start = time.perf_counter()
-        if args.variant == "new-batched":
-            updates = {id(r): u for r, u in zip(requests, ku.rome_compute(lm, requests, hp))}
-            by_request = {(r.prompt, r.subject, r.target_new): updates[id(r)] for r in requests}
-
-            def editor(lm, req):
-                return ku.apply_rome(lm, by_request[(req.prompt, req.subject, req.target_new)])
-            editor.__name__ = "rome"
-        df = ku.evaluate_edits(lm, editor, args.relation, n=args.n, progress=False)
+        # new-batched: every item's update by one rome_compute call (v* of the N requests in one
+        # batch, a stopped request's rows dropped), then apply / measure / restore each
+        extra = {"batch_rome": True} if args.variant == "new-batched" else {}
+        df = ku.evaluate_edits(lm, "rome", args.relation, n=args.n, progress=False, **extra)
         out["seconds"] = (time.perf_counter() - start) / len(df)
         out["rows"] = df[["p_new_post", "p_true_post", "delta_norm"] + CRITERIA].to_dict("list")
     else:
@@ -112,7 +100,9 @@ def compare(a: dict, b: dict) -> str:
     for key, values in a["rows"].items():
         other = b["rows"][key]
         if all(isinstance(v, (int, float)) for v in values):
-            diffs.append(f"{key} {max((abs(x - y) for x, y in zip(values, other)), default=0):.1e}")
+            rel = max((abs(x - y) / max(abs(x), abs(y), 1e-12) for x, y in zip(values, other)), default=0)
+            diffs.append(f"{key} {max((abs(x - y) for x, y in zip(values, other)), default=0):.1e} "
+                         f"(rel {rel:.1e})")
         elif values != other:
             diffs.append(f"{key} DIFFERS")
     return ", ".join(diffs)
@@ -126,7 +116,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=3, help="rome: items per measurement")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--old", default="42640b7")
-    parser.add_argument("--old-tree", default="/tmp/kn_old")
+    parser.add_argument("--old-tree", default="/tmp/old42640")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="new", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -158,6 +148,10 @@ def main(argv=None):
         print(f"  {v}: per-round speed-up x{statistics.median(ratios):.2f} (median of "
               f"{', '.join(f'{r:.2f}' for r in ratios)}); largest differences from old: "
               f"{compare(last['old'], last[v])}")
+    if "new-batched" in seconds:
+        ratios = [o / s for o, s in zip(seconds["new"], seconds["new-batched"])]
+        print(f"  new-batched vs new: per-round speed-up x{statistics.median(ratios):.2f} "
+              f"({', '.join(f'{r:.2f}' for r in ratios)}); differences: {compare(last['new'], last['new-batched'])}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ or ``python -m kn_utils reproduce --model default --scale report`` (``make repro
 
 Each unit plans its items; only the items without a record (same model fingerprint, unit version
 and settings) are computed, one record each, durable as soon as it is written (:mod:`kn_utils.store`).
-So a run resumes where a killed one stopped, ``time_budget`` stops cleanly after the item in
-progress, ``shard=(k, n)`` (or ``torchrun``'s RANK / WORLD_SIZE) computes every n-th item, and the
-report is rendered, under a lock, from all records of every unit in the folder (a run of one
-section never removes another).  ``render_report(out)`` re-renders without a model.
+So a run resumes where a killed one stopped, ``time_budget`` stops cleanly after the item (or
+the batch of a unit with ``compute_batch``) in progress, ``shard=(k, n)`` (or ``torchrun``'s RANK /
+WORLD_SIZE) computes every n-th item, and the report is rendered, under a lock, from all records
+of every unit in the folder (a run of one section never removes another).  ``render_report(out)``
+re-renders without a model.
 
 A unit that raises does not stop the others: its error is written into REPORT.md in place of its
 results and :attr:`Report.failed` lists it (the command exits with status 1).  Scales
@@ -224,7 +225,11 @@ def reproduce(lm, scale: str = "smoke", out=None, *, sections=None, data_dir=Non
             done = store.records(name, key)
             mine = [it for it in items[k::n] if it["id"] not in done]
             t_unit = time.perf_counter()
-            for item in tqdm(mine, desc=f"{name} (shard {k}/{n})", disable=not progress):
+            # a unit with compute_batch computes BATCH items at a time: a batch is the unit of work
+            size = getattr(unit, "BATCH", 1) if hasattr(unit, "compute_batch") else 1
+            size = max(1, int(size(ctx) if callable(size) else size))
+            bar = tqdm(total=len(mine), desc=f"{name} (shard {k}/{n})", disable=not progress)
+            for batch in (mine[b:b + size] for b in range(0, len(mine), size)):
                 if stopped or (deadline is not None and time.perf_counter() >= deadline):
                     if progress and not stopped:
                         print(f"[reproduce] time budget of {time_budget} s spent: stopping", flush=True)
@@ -232,14 +237,22 @@ def reproduce(lm, scale: str = "smoke", out=None, *, sections=None, data_dir=Non
                     break
                 t0 = time.perf_counter()
                 try:
-                    result = unit.compute(ctx, item)
+                    results = unit.compute_batch(ctx, batch) if size > 1 else [unit.compute(ctx, batch[0])]
+                    if len(results) != len(batch):
+                        raise RuntimeError(f"compute_batch returned {len(results)} results for {len(batch)} items")
                 except Exception as exc:  # noqa: BLE001
-                    store.write_plan(name, {**doc, "error": f"item {item['id']}: " + _error_text(exc)})
+                    ids = ", ".join(it["id"] for it in batch)
+                    store.write_plan(name, {**doc, "error": f"item {ids}: " + _error_text(exc)})
                     break
-                store.append({"key": key, "model": fingerprint, "unit": name, "version": unit.VERSION,
-                              "item": item["id"], "result": result, "seconds": round(time.perf_counter() - t0, 3),
-                              "worker": worker(), "commit": commit, "device": device, "created": now()})
-                computed += 1
+                seconds = round((time.perf_counter() - t0) / len(batch), 3)   # each item's share
+                for item, result in zip(batch, results):
+                    store.append({"key": key, "model": fingerprint, "unit": name, "version": unit.VERSION,
+                                  "item": item["id"], "result": result, "seconds": seconds,
+                                  **({"batch": len(batch)} if size > 1 else {}),
+                                  "worker": worker(), "commit": commit, "device": device, "created": now()})
+                computed += len(batch)
+                bar.update(len(batch))
+            bar.close()
             if progress:
                 print(f"[reproduce] {name}: {len(mine)} items to compute (shard {k}/{n}), "
                       f"{time.perf_counter() - t_unit:.1f} s", flush=True)

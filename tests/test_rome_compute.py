@@ -143,6 +143,15 @@ def test_v_star_of_a_batch_matches_one_at_a_time(tiny, family, loss_layer):
         together = compute.compute_values(lm, hp, TEMPLATES, REQUESTS)
     steps = [info["steps"] for _, _, info in alone]
     assert len(set(steps)) > 1, steps              # the per-request early stop is exercised
+    # a request that stopped leaves the batch: the next forward runs only the others' rows
+    n_rows = together[0][2]["rows_per_step"][0]
+    for (_, _, info1), (_, _, info2) in zip(alone, together):
+        rows = info2["rows_per_step"]
+        assert len(rows) == len(info1["nll"]) and rows[0] == n_rows
+        assert all(later <= earlier for earlier, later in zip(rows, rows[1:]))
+        alive = [sum(len(info["nll"]) > step for _, _, info in alone) for step in range(len(rows))]
+        assert [n_rows * a // len(REQUESTS) for a in alive] == rows, (rows, alive)
+    assert min(info["rows_per_step"][-1] for _, _, info in together) < n_rows
     for (v1, i1, info1), (v2, i2, info2) in zip(alone, together):
         assert info2["batch"] == len(REQUESTS) and info2["steps"] == info1["steps"]
         assert ((i2 - i1).norm() / i1.norm()).item() <= 1e-5

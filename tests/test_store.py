@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -281,3 +282,49 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path, builtin_only):
     _assert_same_results(tmp_path / "one", tmp_path / "two", ["blimp", "dai", "table9"])
     ranks = {r["worker"]["rank"] for r in Store(tmp_path / "two").records("blimp").values()}
     assert ranks == {0, 1}
+
+
+def _close(a, b, rtol=1e-3):
+    """Equal records, floats within ``rtol`` (a batch's v* differs from one request's only by
+    float rounding of the batch shape)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (a != a and b != b) or abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12)
+    return a == b
+
+
+def test_batched_table1_rome_items_equal_item_by_item(tiny, tmp_path, builtin_only, monkeypatch):
+    """Table 1's ROME items computed BATCH at a time (one rome_compute call per relation in a
+    batch) give the records of the one-item path, item for item; a batch spans relations and KN."""
+    from kn_utils.editing.rome import compute as rome_compute_module
+    from kn_utils.evaluation import evaluate_edits
+
+    lm = tiny("llama")
+    table1 = reproduce.UNITS["table1"]
+    sizes = {"rome_n": 3, "kn_n": 1, "rome_steps": 6, "rome_configs": 2}   # rome, rome-cov and kn items
+    assert table1.BATCH(SimpleNamespace(lm=lm)) == 1    # on a CPU: item by item (measured faster)
+    monkeypatch.setattr(table1, "BATCH", 1)         # the runner then calls compute item by item
+    one = reproduce.reproduce(lm, "smoke", tmp_path / "one", sections=["table1"], sizes=sizes)
+    batches = []
+    real = rome_compute_module.compute_values
+
+    def counted(lm_, hp, templates, requests, **kw):
+        batches.append(len(requests))
+        return real(lm_, hp, templates, requests, **kw)
+    monkeypatch.setattr(rome_compute_module, "compute_values", counted)
+    monkeypatch.setattr(table1, "BATCH", 4)
+    many = reproduce.reproduce(lm, "smoke", tmp_path / "many", sections=["table1"], sizes=sizes)
+    assert not one.failed and not many.failed and one.computed == many.computed == 2 * 3 * 3 + 3
+    assert batches and max(batches) > 1, batches    # several requests' v* in one batch
+    a, b = _results(tmp_path / "one", "table1"), _results(tmp_path / "many", "table1")
+    assert a.keys() == b.keys() and any(not r.get("_skipped") for r in a.values())
+    for item in a:
+        assert a[item].keys() == b[item].keys(), item
+        bad = {k: (a[item][k], b[item][k]) for k in a[item] if not _close(a[item][k], b[item][k])}
+        assert not bad, (item, bad)
+    store = Store(tmp_path / "many")
+    recs = store.records("table1", store.plan("table1")["key"])
+    sizes_seen = {r["batch"] for r in recs.values()}
+    assert sizes_seen <= {1, 2, 3, 4} and max(sizes_seen) == 4, sizes_seen
+    assert all("batch" not in r for r in Store(tmp_path / "one").records("table1").values())
+    with pytest.raises(ValueError, match="batch_rome=True is for editor='rome' only"):
+        evaluate_edits(lm, "kn", "P36", n=2, batch_rome=True)

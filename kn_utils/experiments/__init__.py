@@ -28,6 +28,12 @@ A unit is a module of this package with these names:
 ``compute(ctx, item) -> dict``
     one item through the public API; a JSON-able result (numbers for the tables and figures, no
     big arrays).  ``{"_skipped": why, ...}`` records an item that cannot be computed.
+``compute_batch(ctx, items) -> [dict, ...]`` and ``BATCH`` (an int or ``BATCH(ctx) -> int``; optional)
+    the results of several items at once, one per item in their order, each what ``compute``
+    gives for it (up to float rounding): for items that share work (Table 1's ROME items: their
+    v* in one batch).  The runner then hands it ``BATCH`` of its missing items at a time (after
+    ``--shard`` striding; ``--time-budget`` starts no batch once spent) and writes one record per
+    item, with ``seconds`` = the batch's time / its size and ``batch`` = the size.
 ``summarise(records, plan, sec, out)``
     the records (plan order) -> ``sec.tables`` (CSV names ``<NAME>_<table>.csv``; item tables
     carry ``worker`` and ``seconds``), ``sec.text`` (generated from the numbers), ``sec.sizes``,

@@ -125,6 +125,15 @@ class _Batch:
             self.past = prefix_cache(lm, self.ids[:, :self.start], attention_mask=self.mask[:, :self.start],
                                      position_ids=self.positions[:, :self.start])
 
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Only the rows ``keep`` from now on (their prefix KV cache too): a request that stopped
+        takes no further step, so its rows need no forward."""
+        self.ids, self.mask, self.sub = self.ids[keep], self.mask[keep], self.sub[keep]
+        if self.positions is not None:
+            self.positions = self.positions[keep]
+        if self.past is not None:
+            self.past.batch_select_indices(keep)
+
     def forward_kwargs(self) -> dict:
         if not self.suffix:
             return {"input_ids": self.ids, "attention_mask": self.mask}
@@ -186,7 +195,6 @@ def _optimise(lm, hp, templates, requests, progress, suffix, from_layer):
     t_idx = torch.as_tensor([t for r in flat for t in r.targets], device=dev, dtype=torch.long)
     # each request's target tokens are a contiguous run of t_idx
     counts = [sum(len(r.targets) for r in rs) for rs in rew]
-    bounds = [sum(counts[:i]) for i in range(n_req + 1)]
     # target tokens per template: one row with them all (decoders) or one row each (masked LMs)
     n_tok = [c // len(templates) for c in counts]
     sub_abs = torch.as_tensor([r.subject_index for r in rows], device=dev)
@@ -200,9 +208,9 @@ def _optimise(lm, hp, templates, requests, progress, suffix, from_layer):
     # δ enters at the edited layer: the input of that block is the same at every step
     from_layer = (from_layer is None or from_layer) and layer > 0
     batch = _Batch(lm, rows, read_rows, read_abs, suffix)
-    sub, read_pos = batch.sub, batch.read_pos
+    read_pos = batch.read_pos
     at_subject = torch.zeros(len(rows), batch.end - batch.start, 1, device=dev)
-    at_subject[torch.arange(len(rows), device=dev), sub] = 1.0
+    at_subject[torch.arange(len(rows), device=dev), batch.sub] = 1.0
 
     # one leaf and one Adam per request: a request that stops early takes no further step
     deltas = [torch.zeros(lm.arch.d_model, device=dev, dtype=torch.float32, requires_grad=True)
@@ -210,9 +218,10 @@ def _optimise(lm, hp, templates, requests, progress, suffix, from_layer):
     opts = [torch.optim.Adam([d], lr=hp.v_lr) for d in deltas]
     state = {}
 
+    # the closures read at_subject / row_request when called: after rows are dropped, the kept ones
     def edit_output(value):
         if "v_init" not in state:   # the bare prompt, first row of each request
-            state["v_init"] = value[first_row, sub[first_row]].detach().float().clone()
+            state["v_init"] = value[first_row, batch.sub[first_row]].detach().float().clone()
         delta = deltas[0] if n_req == 1 else torch.stack(deltas)[row_request][:, None]
         return value + (at_subject * delta).to(value.dtype)
 
@@ -221,8 +230,9 @@ def _optimise(lm, hp, templates, requests, progress, suffix, from_layer):
     n_scored = len(r_idx)
     kl_init = None
     infos = [{"steps": 0, "nll": [], "p_target": [], "suffix": bool(suffix), "from_layer": from_layer,
-              "positions_per_step": int(batch.end - batch.start), "batch": n_req} for _ in range(n_req)]
-    active = list(range(n_req))
+              "positions_per_step": int(batch.end - batch.start), "batch": n_req, "rows_per_step": []}
+             for _ in range(n_req)]
+    active = list(range(n_req))   # the requests whose rows are in the batch, in order
     replay = None   # the output of block layer - 1, kept from the first step
     bar = tqdm(range(hp.v_num_grad_steps), desc="ROME v*", disable=not progress, leave=False)
     for step in bar:
@@ -243,25 +253,39 @@ def _optimise(lm, hp, templates, requests, progress, suffix, from_layer):
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
         v_init = state["v_init"]
-        losses, stepping = [], []
-        for i in active:
+        losses, stepping, first = [], [], 0
+        for j, i in enumerate(active):   # request i: its target tokens and its KL row are the j-th
             # mean over templates of the per-target NLL / n_tok
-            nll = -token_logp[bounds[i]:bounds[i + 1]].sum() / counts[i]
+            nll = -token_logp[first:first + counts[i]].sum() / counts[i]
+            first += counts[i]
             loss = nll
             if kl_rows:
                 # as ROME's code: KL(current || initial) over the next-token distribution after the subject
-                kl = F.kl_div(kl_init[i:i + 1], kl_logp[i:i + 1], log_target=True, reduction="batchmean")
+                kl = F.kl_div(kl_init[i:i + 1], kl_logp[j:j + 1], log_target=True, reduction="batchmean")
                 loss = loss + hp.kl_factor * kl
             loss = loss + hp.v_weight_decay * (deltas[i].norm() / v_init[i].norm() ** 2)
             infos[i]["nll"].append(nll.item())
             infos[i]["p_target"].append(float(torch.exp(-nll.detach() * n_tok[i])))
+            infos[i]["rows_per_step"].append(len(row_request))
             # ROME stops below the early-stop loss, and takes no step after the last loss
             if loss.item() >= hp.early_stop_loss and step < hp.v_num_grad_steps - 1:
                 losses.append(loss)
                 stepping.append(i)
-        active = stepping
-        if not active:
+        if not stepping:
             break
+        if len(stepping) < len(active):
+            # drop the stopped requests' rows (with their cache rows and replayed inputs)
+            keep = torch.isin(row_request, torch.as_tensor(stepping, device=dev))
+            rows_now = keep.nonzero().squeeze(1)
+            new_row = keep.long().cumsum(0) - 1
+            read_kept = keep[read_rows]
+            read_rows, read_pos = new_row[read_rows[read_kept]], read_pos[read_kept]
+            t_idx = t_idx[read_kept[:n_scored]]
+            n_scored = len(t_idx)
+            row_request, at_subject = row_request[rows_now], at_subject[rows_now]
+            batch.keep_rows(rows_now)
+            replay = _select_rows(replay, rows_now, len(keep))
+        active = stepping
         grads = torch.autograd.grad(sum(losses) if len(losses) > 1 else losses[0],
                                     [deltas[i] for i in active])
         for i, grad in zip(active, grads):
@@ -276,6 +300,13 @@ def _optimise(lm, hp, templates, requests, progress, suffix, from_layer):
     bar.close()
     v_init = state["v_init"]
     return [(v_init[i] + deltas[i].detach(), v_init[i], infos[i]) for i in range(n_req)]
+
+
+def _select_rows(output, rows, n_rows):
+    """A kept block output (a tensor or a tuple of them) at batch rows ``rows`` only."""
+    if output is None or torch.is_tensor(output):
+        return None if output is None else output[rows]
+    return tuple(o[rows] if torch.is_tensor(o) and o.dim() and o.shape[0] == n_rows else o for o in output)
 
 
 @contextmanager
