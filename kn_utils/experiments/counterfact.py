@@ -37,8 +37,9 @@ def plan(ctx):
         raise SectionSkipped("no data folder (CounterFact has no built-in set): set KN_DATA_DIR")
     records = load_counterfact(ctx.data_dir, n=ctx.sizes["counterfact_n"])
     ids = records["case_id"] if "case_id" in records else records.index
+    # record by record, each editor in turn: a run stopped by its budget has measured every editor
     items = [{"id": f"{label}/{cid}", "label": label, "records": records.iloc[[i]]}
-             for label in labels(ctx) for i, cid in enumerate(ids)]
+             for i, cid in enumerate(ids) for label in labels(ctx)]
     return {"items": items, "source": records.attrs.get("data_source", ""),
             "n_minimum": MINIMUM["counterfact_n"] * len(labels(ctx)), "info": {"records_per_editor": len(records)}}
 
