@@ -26,7 +26,6 @@ RESULT_SIZES = ("rome_n", "kn_n", "rome_steps", "ig_steps")
 MINIMUM = {"rome_n": 100, "kn_n": 20}
 RELATIONS = ("P36", "P1376", "P101")
 BATCH_GPU = 6      # ROME items batched on an accelerator (see BATCH)
-ROUND = BATCH_GPU  # facts of one relation planned together (see plan)
 EDITORS = ("rome", "kn")
 # item prefix -> (editor, ROME configuration); the report's "editor" column is the prefix
 CONFIGS = {"rome": ("rome", "paper"), "rome-cov": ("rome", "rome"), "kn": ("kn", None)}
@@ -65,11 +64,11 @@ def plan(ctx):
             count = min(len(bags), n) if n is not None else len(bags)
             items += [{"id": f"{label}/{rel}/{i:06d}", "label": label, "relation": rel, "index": i}
                       for i in range(count)]
-    # Round robin over configurations and relations, ROUND facts of each at a time: a run stopped by its
-    # time budget has measured every relation and editor, not the first relation only, and a round's
-    # facts of one relation stay together for compute_batch (up to BATCH_GPU requests in one v*).
-    order = {lab: k for k, lab in enumerate(labels(ctx))}
-    items.sort(key=lambda it: (it["index"] // ROUND, order[it["label"]], RELATIONS.index(it["relation"]),
+    # Round robin over configurations and relations, one batch of facts of each at a time: a run stopped
+    # by its time budget has measured every relation and editor, not the first relation only, and a
+    # round's facts of one relation stay together for compute_batch (one v* batch on an accelerator).
+    order, block = {lab: k for k, lab in enumerate(labels(ctx))}, max(1, BATCH(ctx) if callable(BATCH) else BATCH)
+    items.sort(key=lambda it: (it["index"] // block, order[it["label"]], RELATIONS.index(it["relation"]),
                                it["index"]))
     n_min = sum(MINIMUM[f"{CONFIGS[lab][0]}_n"] for lab in labels(ctx)) * len(RELATIONS)
     rome = {lab: {"layer": _hparams(ctx, lab).layer, "mom2_adjustment": _hparams(ctx, lab).mom2_adjustment,
