@@ -2,6 +2,7 @@
 import re
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -331,6 +332,9 @@ def test_counterfact_section_with_the_data(tiny, tmp_path, data_dir):
         got = table[(table.editor == editor) & (table.metric == "score")]["ours"].item()
         assert got == pytest.approx(want)
     assert "counterfact-edit.json" in rep.path.read_text()
+    # the data folder is shown relative to the report, not as this machine's absolute path
+    text = rep.path.read_text()
+    assert "- data folder: /" not in text and "Data: /" not in text and "- data folder: .." in text
     # the setting differs from ROME's published numbers, and the report says how
     assert "covariance off" in rep.path.read_text()
     head = pd.read_csv(tmp_path / "headline.csv")
