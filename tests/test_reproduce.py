@@ -2,7 +2,6 @@
 import re
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
