@@ -107,6 +107,20 @@ def item_frame(records, columns=None) -> pd.DataFrame:
     return df
 
 
+def fact_searches(records, sec):
+    """The KN searches of a unit's fact records: (all, found, failed, evidence.search_summary), failed
+    searches (no neuron, or tau at its bound) kept apart; None, with a note in ``sec.text``, when no
+    fact is done yet."""
+    from ..evidence import search_summary, split_searches
+
+    facts = item_frame(records)
+    if facts.empty:
+        sec.text = "No fact done yet."
+        return None
+    found, failed = split_searches(facts)
+    return facts, found, failed, search_summary(facts)
+
+
 def ok(records):
     """Records of items that produced a result (not the ones an item skipped with a reason)."""
     return [r for r in records if not r["result"].get("_skipped")]

@@ -8,7 +8,7 @@ import pandas as pd
 
 from .. import paper, verdicts
 from ..stats import summarize
-from .common import bar_figure, ci, fact_items, item_frame, sure, verdict_line
+from .common import bar_figure, ci, fact_items, fact_searches, sure, verdict_line
 
 NAME = "dai"
 TITLE = "Dai et al.: suppressing / enhancing knowledge neurons of ParaRel facts"
@@ -47,14 +47,10 @@ def compute(ctx, item):
 
 
 def summarise(records, plan, sec, out):
-    from ..evidence import search_summary, split_searches
-
-    facts = item_frame(records)
-    if facts.empty:
-        sec.text = "No fact done yet."
+    searched = fact_searches(records, sec)
+    if searched is None:
         return
-    found, failed = split_searches(facts)
-    searches = search_summary(facts)
+    facts, found, failed, searches = searched
     s_sup, s_enh = (summarize(found[c].astype(float)) for c in ("suppress_change", "enhance_change"))
     s_kn = searches["n_kn"]
     table = pd.DataFrame([

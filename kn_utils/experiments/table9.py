@@ -8,7 +8,7 @@ import pandas as pd
 
 from .. import paper, verdicts
 from ..stats import summarize
-from .common import ci, fact_items, item_frame, verdict_line
+from .common import ci, fact_items, fact_searches, verdict_line
 from .dai import n_minimum
 
 NAME = "table9"
@@ -31,14 +31,10 @@ def compute(ctx, item):
 
 
 def summarise(records, plan, sec, out):
-    from ..evidence import search_summary, split_searches
-
-    facts = item_frame(records)
-    if facts.empty:
-        sec.text = "No fact done yet."
+    searched = fact_searches(records, sec)
+    if searched is None:
         return
-    found, failed = split_searches(facts)
-    searches = search_summary(facts)
+    facts, found, failed, searches = searched
     table = found.groupby("relation", sort=False).agg(
         facts=("fact", "count"), prompts=("n_prompts", "mean"), kn_at_07=("kn_at_0.7", "mean"),
         tau=("tau", "mean"), r2=("r2", "mean")).reset_index()
