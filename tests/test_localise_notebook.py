@@ -132,5 +132,7 @@ def test_localise_command(tmp_path, data_dir):
         if info["neurons"]:
             assert info["accuracy_after_suppression"] == blimp_accuracy(
                 lm, ev, neurons=[tuple(x) for x in info["neurons"]])
-    with pytest.raises(ValueError, match="--n"):
+    # --n 1 is a user's mistake: argparse's one-line error and exit status 2 (kn_utils.cli's convention)
+    with pytest.raises(SystemExit) as stop:
         main(args[:-2] + ["--out", str(out), "--n", "1"])
+    assert stop.value.code == 2
