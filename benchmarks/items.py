@@ -117,6 +117,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--old", default="42640b7")
     parser.add_argument("--old-tree", default="/tmp/old42640")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="rome: which of old, new, new-batched to run (default: all three; old first)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="new", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -125,6 +127,11 @@ def main(argv=None):
         return worker(args)
     trees = {"old": old_tree(args.old, Path(args.old_tree)), "new": ROOT, "new-batched": ROOT}
     variants = ["old", "new", "new-batched"] if args.what == "rome" else ["old", "new"]
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(variants))
+        if unknown or "old" not in args.variants:
+            parser.error(f"--variants: choose 'old' and any of {variants[1:]} (got {args.variants})")
+        variants = [v for v in variants if v in args.variants]
     seconds = {v: [] for v in variants}
     last = {}
     for r in range(args.rounds):
@@ -148,7 +155,7 @@ def main(argv=None):
         print(f"  {v}: per-round speed-up x{statistics.median(ratios):.2f} (median of "
               f"{', '.join(f'{r:.2f}' for r in ratios)}); largest differences from old: "
               f"{compare(last['old'], last[v])}")
-    if "new-batched" in seconds:
+    if "new-batched" in seconds and "new" in seconds:
         ratios = [o / s for o, s in zip(seconds["new"], seconds["new-batched"])]
         print(f"  new-batched vs new: per-round speed-up x{statistics.median(ratios):.2f} "
               f"({', '.join(f'{r:.2f}' for r in ratios)}); differences: {compare(last['new'], last['new-batched'])}")

@@ -67,7 +67,14 @@ def cache_args(lm, past, attention_mask=None) -> dict:
 def prefix_cache(lm, input_ids: torch.Tensor, **forward):
     """KV cache of ``input_ids`` [rows, positions] (with whatever hooks are active); ``forward``:
     further forward arguments (``attention_mask``, ``position_ids`` of left-padded rows)."""
-    cache = returned_cache(lm.model(input_ids=input_ids, use_cache=True, **forward))
+    hooks = HookSet()
+    try:
+        # only the cache is kept: the vocabulary projection runs at the last position, not at
+        # every prefix position (Gemma's is larger than the rest of its forward)
+        narrow_logits(hooks, lm, -1)
+        cache = returned_cache(lm.model(input_ids=input_ids, use_cache=True, **forward))
+    finally:
+        hooks.remove()
     if cache is None:
         raise ValueError(f"{lm.name} returned no KV cache: pass prefix_cache=False / cache=False")
     return cache

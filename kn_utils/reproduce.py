@@ -39,7 +39,7 @@ from .experiments.report import README_END, README_START, headline, render_folde
 from .experiments.table1 import RELATIONS as TABLE1_RELATIONS
 from .experiments.table8 import DNA_MASKED
 from .experiments.tracing import AGREEMENT_TRACES
-from .store import Store, folder_lock, model_fingerprint, now, record_key, worker
+from .store import SearchStore, Store, folder_lock, model_fingerprint, now, record_key, worker
 
 
 @dataclass
@@ -193,8 +193,8 @@ def reproduce(lm, scale: str = "smoke", out=None, *, sections=None, data_dir=Non
     out.mkdir(parents=True, exist_ok=True)
     all_sizes = {**SCALES[scale], **(sizes or {})}
     overridden = all_sizes != SCALES[scale]
-    ctx = Context(lm, scale, all_sizes, data_dir, progress)
     store, fingerprint, device = Store(out), model_fingerprint(lm), str(getattr(lm, "device", "cpu"))
+    ctx = Context(lm, scale, all_sizes, data_dir, progress, searches=SearchStore(out, fingerprint))
     start = time.perf_counter()
     deadline = start + time_budget if time_budget else None
     computed, stopped = 0, False
@@ -258,6 +258,7 @@ def reproduce(lm, scale: str = "smoke", out=None, *, sections=None, data_dir=Non
                       f"{time.perf_counter() - t_unit:.1f} s", flush=True)
     finally:
         store.close()
+        ctx.searches.close()
     path, secs, meta = out / "REPORT.md", [], {}
     if dist:
         import torch.distributed as tdist

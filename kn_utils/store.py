@@ -179,4 +179,63 @@ def folder_lock(out):
         os.close(fd)
 
 
-__all__ = ["Store", "record_key", "model_fingerprint", "worker", "clean", "folder_lock"]
+# ----------------------------------------------------------------------------- shared KN searches
+
+# Bump when what find_knowledge_neurons returns for the same prompts changes (the attribution, the
+# refinement, the defaults): stored searches of the old code are then searched afresh.
+SEARCH_VERSION = 1
+SEARCHES = "_kn_searches"     # records/<this>/: not a unit (no plan.json), never rendered
+SEARCH_FIELDS = ("neurons", "tau", "n_initial", "r2", "converged", "message", "n_prompts")
+
+
+def search_key(model: str, prompts, targets, settings: dict) -> str:
+    """The digest of one KN search: model fingerprint, the prompts and targets, the search settings."""
+    text = json.dumps({"model": model, "prompts": list(prompts), "targets": targets, "settings": settings,
+                       "version": SEARCH_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+class SearchStore:
+    """KN searches of a report folder, kept beside the records (``records/_kn_searches/``, one JSONL
+    file per worker, as :class:`Store`) so that units searching the same bag -- Dai and Table 9 one
+    ParaRel fact, Fig 6b and Table 8 one BLiMP bag -- run the search once, whichever process or run
+    gets there first.  A search is ~2-3 minutes of a unit's item on a CPU; what is kept is what the
+    units read of it (:data:`SEARCH_FIELDS`), so the item that reuses it has the same result."""
+
+    def __init__(self, out, model: str):
+        self.store, self.model = Store(out), model
+        self._known: dict = {}
+
+    def key(self, prompts, targets, settings: dict) -> str:
+        return search_key(self.model, prompts, targets, settings)
+
+    def get(self, key: str):
+        """The stored search ``key`` as a :class:`kn_utils.attribution.KNResult`, or None.  The files
+        are read again on a miss: another worker may have stored it since."""
+        if key not in self._known:
+            self._known = {k: r["result"] for k, r in self.store.records(SEARCHES).items()}
+        found = self._known.get(key)
+        if found is None:
+            return None
+        from collections import Counter
+
+        from .attribution import KNResult
+
+        fields = {f: found[f] for f in SEARCH_FIELDS if f in found}
+        fields["neurons"] = [tuple(int(x) for x in nrn) for nrn in fields.get("neurons", [])]
+        return KNResult(coarse=[], counts=Counter(), **fields)
+
+    def put(self, key: str, result, seconds: float, what: str = "") -> None:
+        values = {f: getattr(result, f) for f in SEARCH_FIELDS}
+        values["neurons"] = [list(map(int, nrn)) for nrn in result.neurons]
+        self._known[key] = values
+        self.store.append({"key": key, "model": self.model, "unit": SEARCHES, "version": SEARCH_VERSION,
+                           "item": key, "what": what, "result": values, "seconds": seconds,
+                           "worker": worker(), "created": now()})
+
+    def close(self):
+        self.store.close()
+
+
+__all__ = ["Store", "SearchStore", "record_key", "search_key", "model_fingerprint", "worker", "clean",
+           "folder_lock", "SEARCH_VERSION"]

@@ -328,3 +328,60 @@ def test_batched_table1_rome_items_equal_item_by_item(tiny, tmp_path, builtin_on
     assert all("batch" not in r for r in Store(tmp_path / "one").records("table1").values())
     with pytest.raises(ValueError, match="batch_rome=True is for editor='rome' only"):
         evaluate_edits(lm, "kn", "P36", n=2, batch_rome=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# KN searches shared between units (Dai and Table 9, Fig 6b and Table 8)
+# ---------------------------------------------------------------------------------------------
+def test_search_store_round_trips_what_the_units_read(tmp_path):
+    from collections import Counter
+
+    from kn_utils.attribution import KNResult
+    from kn_utils.store import SEARCH_FIELDS, SearchStore
+
+    res = KNResult(neurons=[(1, 5), (3, 0)], tau=0.65, n_initial=7, r2=0.123456789, coarse=[[(1, 5)]],
+                   counts=Counter({(1, 5): 2}), converged=False, message="tau at its bound", n_prompts=4)
+    store = SearchStore(tmp_path, "model-a")
+    key = store.key(["a b", "c d"], "x", {"steps": 3})
+    assert store.get(key) is None
+    store.put(key, res, 1.5, what="pararel P36 0")
+    store.close()
+    # another process (a fresh store) reads it from the files
+    got = SearchStore(tmp_path, "model-a").get(key)
+    assert all(getattr(got, f) == getattr(res, f) for f in SEARCH_FIELDS)
+    # another model, prompt or setting is another search
+    assert SearchStore(tmp_path, "model-b").get(SearchStore(tmp_path, "model-b").key(["a b", "c d"], "x", {"steps": 3})) is None
+    assert store.key(["a b"], "x", {"steps": 3}) != key and store.key(["a b", "c d"], "x", {"steps": 4}) != key
+    # not a unit: the report never lists it
+    assert Store(tmp_path).units() == []
+
+
+def test_table9_reuses_dai_searches_from_another_run_with_the_same_results(tiny, tmp_path, builtin_only,
+                                                                            monkeypatch):
+    import kn_utils.attribution as attribution
+
+    calls = []
+    real = attribution.find_knowledge_neurons
+
+    def counting(lm, prompts, target, **kw):
+        calls.append(tuple(prompts))
+        return real(lm, prompts, target, **kw)
+
+    monkeypatch.setattr(attribution, "find_knowledge_neurons", counting)
+    lm = tiny("llama")
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    reproduce.reproduce(lm, "smoke", shared, sections=["dai"])
+    dai_searches = set(calls)
+    assert dai_searches
+    calls.clear()
+    reproduce.reproduce(lm, "smoke", shared, sections=["table9"])    # a later run, another section
+    t9 = _results(shared, "table9")
+    fresh = set(calls)
+    assert not fresh & dai_searches       # every fact Dai searched was read, not searched again
+    assert len(fresh) < len(t9)           # and some of Table 9's facts are Dai's
+    # the same numbers as Table 9 searched on its own
+    calls.clear()
+    reproduce.reproduce(lm, "smoke", alone, sections=["table9"])
+    assert t9 == _results(alone, "table9") and len(calls) == len(t9)
+    # the search store is not a section of the report
+    assert "_kn_searches" not in (shared / "REPORT.md").read_text()

@@ -57,9 +57,11 @@ class Section:
 class Context:
     """What the units share in one process: the model, sizes, data folder and KN searches run."""
 
-    def __init__(self, lm, scale, sizes, data_dir=None, progress=False):
+    def __init__(self, lm, scale, sizes, data_dir=None, progress=False, searches=None):
         self.lm, self.scale, self.data_dir, self.progress = lm, scale, data_dir, progress
         self.sizes = dict(sizes)
+        self.searches = searches        # a kn_utils.store.SearchStore, or None (this process only)
+        self.lacking = {}               # min prompts -> relations with no fact that has them (fact_items)
         self._kn = {}
         self.reused = 0
 
@@ -82,15 +84,31 @@ class Context:
         return {"find": {"steps": self.sizes["ig_steps"], "progress": False}}
 
     def knowledge_neurons(self, key, prompts, targets):
-        """find_knowledge_neurons once per bag, shared by the units that read the same bag."""
+        """find_knowledge_neurons once per bag, shared by the units that read the same bag: in this
+        process, and through ``self.searches`` (a :class:`kn_utils.store.SearchStore`, when the
+        runner gives one) with every other process and run writing into the same report folder."""
+        import time
+
         from ..attribution import find_knowledge_neurons
 
         if key in self._kn:
             self.reused += 1
-        else:
-            self._kn[key] = find_knowledge_neurons(self.lm, list(prompts), targets,
-                                                   steps=self.sizes["ig_steps"], progress=False)
-        return self._kn[key]
+            return self._kn[key]
+        find = self.kn_hparams()["find"]
+        digest = None
+        if self.searches is not None:
+            digest = self.searches.key(list(prompts), targets, {k: v for k, v in find.items() if k != "progress"})
+            found = self.searches.get(digest)
+            if found is not None:
+                self.reused += 1
+                self._kn[key] = found
+                return found
+        start = time.perf_counter()
+        res = find_knowledge_neurons(self.lm, list(prompts), targets, **find)
+        if digest is not None:
+            self.searches.put(digest, res, time.perf_counter() - start, what=" ".join(map(str, key)))
+        self._kn[key] = res
+        return res
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,20 +276,51 @@ def relations(ctx):
 
 
 def fact_items(ctx, min_prompts=1):
-    """ParaRel facts (bags) per relation, the first facts_per_relation of each, with at least
-    ``min_prompts`` usable prompts: items {"id": "P36/0002", relation, fact, bag, prompts}."""
+    """ParaRel facts (bags) per relation: the first facts_per_relation of each that have at least
+    ``min_prompts`` usable prompts (later facts stand in for those that have fewer, so that every
+    relation with enough such facts reaches the size): items {"id": "P36/0002", relation, fact,
+    bag, prompts}, the id's number being the fact's index in the relation's bags.  The relations
+    with no such fact are in ``ctx.lacking[min_prompts]``."""
     from ..data import source_of
     from ..data.pararel import load_bags
 
-    out, sources = [], set()
+    out, sources, want = [], [], ctx.sizes["facts_per_relation"]
+    ctx.lacking[min_prompts] = []
     for rel in relations(ctx):
-        bags = load_bags(rel, data_dir=ctx.data_dir, n=ctx.sizes["facts_per_relation"])
-        sources.add(source_of(bags))
+        bags = load_bags(rel, data_dir=ctx.data_dir, n=None)
+        sources.append(source_of(bags))
+        taken = 0
         for i, bag in enumerate(bags):
+            if want is not None and taken >= want:
+                break
             prompts = prompts_of(ctx.lm, bag)
             if len(prompts) >= min_prompts:
                 out.append({"id": f"{rel}/{i:04d}", "relation": rel, "fact": i, "bag": bag, "prompts": prompts})
-    return out, "; ".join(sorted(s for s in sources if s))
+                taken += 1
+        if not taken:
+            ctx.lacking[min_prompts].append(rel)
+    return out, merge_sources(sources, "relations")
+
+
+def merge_sources(labels, parts: str = "parts") -> str:
+    """One entry per data file of ``"<path> (N items)"`` labels (one per relation, say): ``"<path>
+    (N items over K <parts>)"`` with N summed, so a report names a file once."""
+    import re
+
+    files: dict[str, list[int]] = {}
+    for label in labels:
+        if not label:
+            continue
+        m = re.fullmatch(r"(.*) \((\d+) items\)", label)
+        path, n = (m.group(1), int(m.group(2))) if m else (label, None)
+        files.setdefault(path, []).append(n)
+    out = []
+    for path, counts in sorted(files.items()):
+        if len(counts) == 1 or any(c is None for c in counts):
+            out.append(path if counts[0] is None else f"{path} ({counts[0]} items)")
+        else:
+            out.append(f"{path} ({sum(counts)} items over {len(counts)} {parts})")
+    return "; ".join(out)
 
 
 def paradigm_pairs(ctx, uid, n):

@@ -17,10 +17,13 @@ RESULT_SIZES = ("ig_steps",)
 MINIMUM = {"facts_per_relation": 3}
 
 
-def n_minimum(ctx):
+def n_minimum(ctx, min_prompts=1):
+    """facts_per_relation facts on every relation that has a fact with ``min_prompts`` decoder
+    prompts (after :func:`fact_items` with the same ``min_prompts``)."""
     from ..data.pararel import relations
 
-    return MINIMUM["facts_per_relation"] * len(relations(ctx.data_dir))
+    lacking = ctx.lacking.get(min_prompts, [])
+    return MINIMUM["facts_per_relation"] * (len(relations(ctx.data_dir)) - len(lacking))
 
 
 def plan(ctx):

@@ -16,7 +16,8 @@ import pandas as pd
 
 from .. import paper, verdicts
 from ..stats import summarize
-from .common import after_interval, bar_figure, item_frame, ok, paired_row, pct, strip_private, verdict_line
+from .common import (after_interval, bar_figure, item_frame, merge_sources, ok, paired_row, pct, strip_private,
+                     verdict_line)
 
 NAME = "table1"
 TITLE = "Table 1: ROME and KN edits on ParaRel (reliability, symmetry, synonymy)"
@@ -54,13 +55,14 @@ def plan(ctx):
     from ..data import source_of
     from ..data.pararel import load_bags
 
-    items, sources = [], set()
+    items, sources = [], []
     for label in labels(ctx):
         editor = CONFIGS[label][0]
         n = _n(ctx, editor)
         for rel in RELATIONS:
             bags = load_bags(rel, data_dir=ctx.data_dir, n=None if n is None else max(n, 2))
-            sources.add(source_of(bags) or "")
+            if label == labels(ctx)[0]:
+                sources.append(source_of(bags))
             count = min(len(bags), n) if n is not None else len(bags)
             items += [{"id": f"{label}/{rel}/{i:06d}", "label": label, "relation": rel, "index": i}
                       for i in range(count)]
@@ -73,7 +75,7 @@ def plan(ctx):
     n_min = sum(MINIMUM[f"{CONFIGS[lab][0]}_n"] for lab in labels(ctx)) * len(RELATIONS)
     rome = {lab: {"layer": _hparams(ctx, lab).layer, "mom2_adjustment": _hparams(ctx, lab).mom2_adjustment,
                   "mom2_n_samples": _hparams(ctx, lab).mom2_n_samples} for lab in labels(ctx) if lab != "kn"}
-    return {"items": items, "source": "; ".join(sorted(s for s in sources if s)), "n_minimum": n_min,
+    return {"items": items, "source": merge_sources(sources, "relations"), "n_minimum": n_min,
             "info": {"rome": rome}}
 
 

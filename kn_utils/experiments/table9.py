@@ -19,8 +19,12 @@ MINIMUM = {"facts_per_relation": 3}
 
 
 def plan(ctx):
+    # tau and R2_1 compare prompts: a relation whose facts have one decoder prompt each (its other
+    # ParaRel patterns do not end where the object starts) has nothing to measure
     items, source = fact_items(ctx, min_prompts=2)
-    return {"items": items, "source": source, "n_minimum": n_minimum(ctx)}
+    lacking = ctx.lacking[2]
+    return {"items": items, "source": source, "n_minimum": n_minimum(ctx, 2),
+            "info": {"relations_without_two_prompts": lacking}}
 
 
 def compute(ctx, item):
@@ -64,6 +68,11 @@ def summarise(records, plan, sec, out):
                      f"{lo}-{hi}, {paper.TABLE9_SOURCE}); " + verdict_line(v, "within the paper's range:"))
     lines.append(f"Each relation rests on {n_facts or 'all'} facts: per-relation values are noisy; the "
                  f"verdicts use the mean over all found searches with its t interval.")
+    lacking = plan.get("info", {}).get("relations_without_two_prompts") or []
+    if lacking:
+        lines.append(f"Not measured: {len(lacking)} relations whose facts have fewer than two decoder prompts "
+                     f"(tau and R2_1 compare prompts): {', '.join(lacking)}; the report minimum counts the "
+                     f"other relations.")
     sec.text = "\n".join(lines)
 
 
