@@ -92,3 +92,22 @@ def test_kinds_checked_before_compute(peaky):
     with pytest.raises(ValueError, match="kinds is empty"):
         average_indirect_effects(lm, [PROMPTS["causal"]], kinds=())
     assert ku.hook_count(lm.model) == 0
+
+
+def test_tracing_unit_item_equals_one_trace_per_kind(peaky):
+    """The tracing unit computes an item with causal_traces; its record is what causal_trace per
+    kind gave (the records computed before the switch stay valid without a version bump)."""
+    from types import SimpleNamespace
+
+    from kn_utils.experiments import tracing as unit
+    from kn_utils.store import clean
+
+    lm = peaky("llama")
+    prompt, subject = PROMPTS["causal"]
+    ctx = SimpleNamespace(lm=lm, sizes={"trace_samples": 3})
+    item = {"set": "facts", "prompt": prompt, "subject": subject, "target": None, "noise": 0.5}
+    rec = unit.compute(ctx, item)
+    for kind in KINDS:
+        alone = causal_trace(lm, prompt, subject, kind=kind, samples=3, noise=0.5, window=10)
+        assert rec["kinds"][kind]["scores"] == clean(alone.scores.tolist(), 9)
+        assert rec["kinds"][kind]["low"] == alone.low_score and rec["kinds"][kind]["high"] == alone.high_score

@@ -63,13 +63,16 @@ def plan(ctx):
 
 def compute(ctx, item):
     from ..store import clean
-    from ..tracing import causal_trace
+    from ..tracing import causal_traces
 
     out = {"set": item["set"], "kinds": {}}
+    # the three kinds share the clean run and the corrupted prefixes (the same numbers as one
+    # causal_trace per kind, tests/test_tracing_shared.py)
+    traces = causal_traces(ctx.lm, item["prompt"], item["subject"], kinds=KINDS,
+                           samples=ctx.sizes["trace_samples"], noise=item["noise"], window=10,
+                           target=item["target"])
     for kind in KINDS:
-        tr = causal_trace(ctx.lm, item["prompt"], item["subject"], kind=kind,
-                          samples=ctx.sizes["trace_samples"], noise=item["noise"], window=10,
-                          target=item["target"])
+        tr = traces[kind]
         out.update(n_tokens=len(tr.tokens), subject_range=list(tr.subject_range), read_position=tr.read_position)
         out["kinds"][kind] = {"scores": clean(tr.scores.tolist(), 9),   # 9 digits: float32 exactly
                               "low": tr.low_score, "high": tr.high_score,
