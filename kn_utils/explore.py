@@ -27,6 +27,7 @@ from .editing.kn import intervention_summary, measure_intervention
 from .plotting import attribution as plots
 from .plotting import plot_probability_change, plot_trace_panels
 from .scoring import predict, target_probability
+from .resources import checkout_root, relative_paths
 from .targets import prepare
 from .tracing import causal_trace
 
@@ -70,15 +71,13 @@ LAYER_SWEEPS = {"default": "benchmarks/layer_sweep.csv", "gemma-3-270m": "benchm
 
 
 def _root() -> Path:
-    from .resources import checkout_root
-
     return checkout_root() or Path.cwd()
 
 
 def shown_path(text) -> str:
     """``text`` with every absolute path written relative to the checkout ("../shared/data"), so
     committed outputs show no path of the machine that made them."""
-    return re.sub(r"(?<![\w:])/[^\s()'\",]+", lambda m: os.path.relpath(m.group(0), _root()), str(text))
+    return relative_paths(text, _root())
 
 
 def _slug(text: str, size: int = 60) -> str:

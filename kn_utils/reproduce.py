@@ -33,7 +33,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .experiments import SCALES, SECTIONS, TITLES, UNITS, Context, Section, SectionSkipped
-from .experiments.common import NONE_OK, markdown_table
+from .experiments.common import NONE_OK, batch_size, markdown_table
 from .experiments.fig6b import DNA_CAUSAL, FIG6B_MASKED
 from .experiments.report import README_END, README_START, headline, render_folder, update_readme
 from .experiments.table1 import RELATIONS as TABLE1_RELATIONS
@@ -226,8 +226,7 @@ def reproduce(lm, scale: str = "smoke", out=None, *, sections=None, data_dir=Non
             mine = [it for it in items[k::n] if it["id"] not in done]
             t_unit = time.perf_counter()
             # a unit with compute_batch computes BATCH items at a time: a batch is the unit of work
-            size = getattr(unit, "BATCH", 1) if hasattr(unit, "compute_batch") else 1
-            size = max(1, int(size(ctx) if callable(size) else size))
+            size = batch_size(unit, ctx)
             bar = tqdm(total=len(mine), desc=f"{name} (shard {k}/{n})", disable=not progress)
             for batch in (mine[b:b + size] for b in range(0, len(mine), size)):
                 if stopped or (deadline is not None and time.perf_counter() >= deadline):

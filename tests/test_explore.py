@@ -223,3 +223,16 @@ def test_where_your_prompt_results_go_and_sweeps(tiny):
     lm.name = "default"
     assert explore.layer_sweep_file(lm).name == "layer_sweep.csv"
     assert explore.shown_path(f"data: {checkout_root()}/x/y.json (3 items)") == "data: x/y.json (3 items)"
+
+
+def test_relative_paths_rewrites_only_the_folder_asked_for(tmp_path):
+    from kn_utils.resources import relative_paths
+
+    data = tmp_path / "shared" / "data"
+    out = tmp_path / "repo" / "reports" / "m"
+    text = f"Data: {data}/pararel/x.json (3 items); model {tmp_path}/models/y; `{{'d': '{data}'}}` | {data}/b.csv |"
+    got = relative_paths(text, out, under=data)
+    assert got == (f"Data: ../../../shared/data/pararel/x.json (3 items); model {tmp_path}/models/y; "
+                   f"`{{'d': '../../../shared/data'}}` | ../../../shared/data/b.csv |")
+    # every absolute path when no folder is named
+    assert str(tmp_path) not in relative_paths(text, out)

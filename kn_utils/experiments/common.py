@@ -111,6 +111,15 @@ class Context:
         return res
 
 
+def batch_size(unit, ctx) -> int:
+    """How many items the runner hands ``unit`` at a time: its ``BATCH`` (an int or a function of
+    ``ctx``) when it has ``compute_batch``, else 1."""
+    if not hasattr(unit, "compute_batch"):
+        return 1
+    size = getattr(unit, "BATCH", 1)
+    return max(1, int(size(ctx) if callable(size) else size))
+
+
 # ----------------------------------------------------------------------------------------------
 # records -> item tables
 # ----------------------------------------------------------------------------------------------

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import traceback
 from pathlib import Path
 
 import pandas as pd
 
 from .. import paper
+from ..resources import relative_paths
 from ..store import Store
 from . import UNITS
 from .common import Section, atomic_csv, atomic_write_text, markdown_table
@@ -102,7 +102,9 @@ def render_folder(out, model_name=None) -> tuple[Path, list[Section], dict]:
         "sections": {s.key: {**s.status, "seconds": round(s.seconds, 1)} for s in sections},
         "rendered": _dt.datetime.now().isoformat(timespec="seconds"),
     }
-    text = _relative_data_paths(render(sections, meta, last), last.get("data_folder"), out)
+    # the data folder relative to the report folder (../../../shared/data): no path of this machine
+    text = relative_paths(render(sections, meta, last), out, under=last.get("data_folder")) \
+        if last.get("data_folder") else render(sections, meta, last)
     path = out / "REPORT.md"
     atomic_write_text(path, text)
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=1) + "\n")
@@ -120,18 +122,6 @@ def _status_word(s) -> str:
         return "skipped"
     word = "ok" if s.status.get("complete") else "incomplete"
     return word + (", below the report minimum" if s.status.get("below_minimum") else "")
-
-
-def _relative_data_paths(text: str, data_folder, out) -> str:
-    """The data folder written relative to the report folder (e.g. ``../../../shared/data``), so a
-    committed report shows no path of the machine that made it and its links still resolve."""
-    if not data_folder:
-        return text
-    try:
-        shown = os.path.relpath(data_folder, Path(out).resolve())
-    except ValueError:   # another drive (Windows): keep the folder's name only
-        shown = Path(data_folder).name
-    return text.replace(str(data_folder), shown)
 
 
 def render(sections, meta, plan) -> str:

@@ -12,12 +12,14 @@ paired_difference`); its verdict is :func:`kn_utils.verdicts.criterion` (an edit
 below :data:`kn_utils.verdicts.GLOBAL_BELOW` is global and gets no "holds")."""
 from __future__ import annotations
 
+import sys
+
 import pandas as pd
 
 from .. import paper, verdicts
 from ..stats import summarize
-from .common import (after_interval, bar_figure, item_frame, merge_sources, ok, paired_row, pct, strip_private,
-                     verdict_line)
+from .common import (after_interval, bar_figure, batch_size, item_frame, merge_sources, ok, paired_row, pct,
+                     strip_private, verdict_line)
 
 NAME = "table1"
 TITLE = "Table 1: ROME and KN edits on ParaRel (reliability, symmetry, synonymy)"
@@ -69,7 +71,7 @@ def plan(ctx):
     # Round robin over configurations and relations, one batch of facts of each at a time: a run stopped
     # by its time budget has measured every relation and editor, not the first relation only, and a
     # round's facts of one relation stay together for compute_batch (one v* batch on an accelerator).
-    order, block = {lab: k for k, lab in enumerate(labels(ctx))}, max(1, BATCH(ctx) if callable(BATCH) else BATCH)
+    order, block = {lab: k for k, lab in enumerate(labels(ctx))}, batch_size(sys.modules[__name__], ctx)
     items.sort(key=lambda it: (it["index"] // block, order[it["label"]], RELATIONS.index(it["relation"]),
                                it["index"]))
     n_min = sum(MINIMUM[f"{CONFIGS[lab][0]}_n"] for lab in labels(ctx)) * len(RELATIONS)

@@ -11,6 +11,8 @@ mean anything.
 """
 from __future__ import annotations
 
+import os
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -44,6 +46,27 @@ def checkout_root() -> Path | None:
     return _PACKAGE_ROOT if is_ours else None
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:])/[^\s()'\",|`]+")
+
+
+def relative_paths(text, base, under=None) -> str:
+    """``text`` with its absolute paths (only those in the folder ``under``, if given) written
+    relative to ``base``, so that committed outputs show no path of the machine that made them and
+    their links still resolve from where they lie (a report: ``../../../shared/data/...``)."""
+    base = Path(base).resolve()
+    inside = None if under is None else str(under).rstrip("/")
+
+    def shown(match):
+        path = match.group(0)
+        if inside is not None and path != inside and not path.startswith(inside + "/"):
+            return path
+        try:
+            return os.path.relpath(path, base)
+        except ValueError:      # another drive (Windows): the name only
+            return Path(path).name
+    return _ABSOLUTE_PATH.sub(shown, str(text))
+
+
 RESOURCE_DIR = resource_dir()
 
-__all__ = ["RESOURCE_DIR", "checkout_root", "resource_dir"]
+__all__ = ["RESOURCE_DIR", "checkout_root", "relative_paths", "resource_dir"]
