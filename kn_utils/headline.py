@@ -35,7 +35,8 @@ def _meta_line(folder: Path, meta: dict) -> str:
     """The line of a report rendered from the result store (its report.json)."""
     parts = [f"[REPORT.md](reports/{folder.name}/REPORT.md)",
              f"scale `{meta.get('scale')}`" + (", sizes overridden" if meta.get("overridden") else ""),
-             "commit " + ", ".join(f"`{c[:9]}`" for c in meta.get("commits", [])),
+             "commit " + ", ".join(f"`{c}`" for c in dict.fromkeys(
+                 c[:9] + ("-dirty" if c.endswith("-dirty") else "") for c in meta.get("commits", []))),
              f"total compute time: {meta.get('compute_seconds', 0) / 3600:.2f} h"]
     if meta.get("incomplete"):
         parts.append("**incomplete**")

@@ -61,13 +61,14 @@ class Report:
 
 
 def git_commit(path=None) -> str:
-    """The checkout's commit (with ``-dirty`` when tracked files differ from it), or "unknown".
-    Read before a run writes anything, so the run's own figures never make it dirty."""
+    """The checkout's commit (with ``-dirty`` when the package's tracked files, ``kn_utils/``, differ
+    from it: the code that computes; a report folder's own records and renders do not count), or
+    "unknown".  Read before a run writes anything."""
     root = Path(path or Path(__file__).resolve().parents[1])
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "kn_utils"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

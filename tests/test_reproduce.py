@@ -450,3 +450,25 @@ def test_report_files_are_replaced_not_rewritten_in_place(tiny, tmp_path, builti
     reproduce.render_report(tmp_path)
     assert all((tmp_path / n).stat().st_ino != before[n] for n in names)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_git_commit_is_dirty_only_when_the_package_differs(tmp_path):
+    """A run's own records and renders (tracked files under reports/) do not make the next run's
+    records "-dirty"; a change to kn_utils/ does."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "kn_utils").mkdir()
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "kn_utils" / "a.py").write_text("x = 1\n")
+    (tmp_path / "reports" / "REPORT.md").write_text("old\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = reproduce.git_commit(tmp_path)
+    assert len(head) == 40
+    (tmp_path / "reports" / "REPORT.md").write_text("new\n")
+    assert reproduce.git_commit(tmp_path) == head
+    (tmp_path / "kn_utils" / "a.py").write_text("x = 2\n")
+    assert reproduce.git_commit(tmp_path) == head + "-dirty"
