@@ -226,6 +226,15 @@ def _item_request(lm, rel, bags, i, syn):
     return EditRequest(rel, prompts[0], bag.subject, bag.object, t_new, tuple(prompts)), j, prompts
 
 
+def skip_reason(lm, relation: str, bags, i: int) -> str | None:
+    """Why :func:`evaluate_edits` skips item ``i`` of ``bags`` (the relation's first facts, as it
+    loads them), or None when the item is edited: "no different object", "no usable prompt",
+    "field without occupation" (P101: the synonymy criterion needs the occupation of both fields)."""
+    syn = synonyms() if relation == "P101" else {}
+    request, why, _ = _item_request(lm, relation, bags, i, syn)
+    return None if request is not None else why
+
+
 def _rome_updates(lm, rel, bags, items, syn, hparams, data_dir) -> dict:
     """{item: its ROME update}, every item's computed on the unedited weights by one rome_compute
     call (as rome_edit computes each: evaluate_edits restores after every item)."""

@@ -385,3 +385,31 @@ def test_table9_reuses_dai_searches_from_another_run_with_the_same_results(tiny,
     assert t9 == _results(alone, "table9") and len(calls) == len(t9)
     # the search store is not a section of the report
     assert "_kn_searches" not in (shared / "REPORT.md").read_text()
+
+
+def test_table1_adds_facts_where_the_first_ones_cannot_be_edited(tiny, builtin_only, monkeypatch):
+    """Where some of a relation's first n facts are skipped (P101: a field without an occupation),
+    Table 1 plans the facts after them until n are edited; those are evaluated among the first N
+    facts, the first n as before (their records stay valid)."""
+    from types import SimpleNamespace
+
+    import kn_utils.evaluation as evaluation
+    from kn_utils.experiments.common import SCALES, Context
+
+    table1 = reproduce.UNITS["table1"]
+    lm = tiny("llama")
+    ctx = Context(lm, "smoke", {**SCALES["smoke"], "rome_n": 2, "kn_n": 2})
+    real = evaluation.skip_reason
+    # P36's fact 1 cannot be edited (for this test); every other fact as evaluate_edits says
+    monkeypatch.setattr(evaluation, "skip_reason", lambda lm_, rel, bags, i: "no usable prompt"
+                        if (rel, i) == ("P36", 1) else real(lm_, rel, bags, i))
+    plan = table1.plan(ctx)
+    p36 = [it for it in plan["items"] if it["label"] == "rome" and it["relation"] == "P36"]
+    assert [it["index"] for it in p36] == [0, 1, 2] and [it.get("n_eval") for it in p36] == [None, None, 3]
+    assert plan["info"]["extended"]["rome/P36"] == {"facts": 3, "skipped_in_first": 1}
+    assert plan["n_minimum"] == len(plan["items"])     # smoke sizes: every planned item is needed
+    seen = []
+    monkeypatch.setattr(evaluation, "evaluate_edits", lambda lm_, **kw: seen.append(kw) or pd.DataFrame())
+    for it in p36:
+        table1.compute(ctx, it)
+    assert [(kw["n"], kw["items"]) for kw in seen] == [(2, [0]), (2, [1]), (3, [2])]

@@ -53,32 +53,64 @@ def settings(ctx):
             **({"rome_cov_hparams": repr(ctx.rome_hparams("rome"))} if "rome-cov" in labels(ctx) else {})}
 
 
+def _group(ctx, label, rel, n):
+    """The items of one configuration and relation, with whether each is edited (not skipped).
+
+    Facts 0 .. n-1, each evaluated among the first n facts (its new target and locality neighbours
+    come from them).  Where fewer than n of them can be edited (P101: a field without an occupation
+    has no synonymy criterion), the facts after them up to fact N-1 are added, each evaluated among
+    the first N (``n_eval``), N the smallest giving n edited items: the section reaches n edits per
+    relation without changing the first n items' results."""
+    from ..data.pararel import load_bags
+    from ..evaluation import skip_reason
+
+    bags = load_bags(rel, data_dir=ctx.data_dir, n=None if n is None else max(n, 2))
+    count = min(len(bags), n) if n is not None else len(bags)
+    group = [{"id": f"{label}/{rel}/{i:06d}", "label": label, "relation": rel, "index": i} for i in range(count)]
+    edited = [skip_reason(ctx.lm, rel, bags, i) is None for i in range(count)]
+    if n is not None and sum(edited) < n:
+        every = load_bags(rel, data_dir=ctx.data_dir, n=None)
+        end = count
+        while sum(edited) < n and end < len(every):
+            edited.append(skip_reason(ctx.lm, rel, every, end) is None)
+            end += 1
+        group += [{"id": f"{label}/{rel}/{i:06d}", "label": label, "relation": rel, "index": i, "n_eval": end}
+                  for i in range(count, end)]
+    return group, edited, bags
+
+
 def plan(ctx):
     from ..data import source_of
-    from ..data.pararel import load_bags
 
-    items, sources = [], []
+    items, sources, n_min, extended = [], [], 0, {}
     for label in labels(ctx):
         editor = CONFIGS[label][0]
-        n = _n(ctx, editor)
+        n, minimum = _n(ctx, editor), MINIMUM[f"{editor}_n"]
         for rel in RELATIONS:
-            bags = load_bags(rel, data_dir=ctx.data_dir, n=None if n is None else max(n, 2))
+            group, edited, bags = _group(ctx, label, rel, n)
             if label == labels(ctx)[0]:
                 sources.append(source_of(bags))
-            count = min(len(bags), n) if n is not None else len(bags)
-            items += [{"id": f"{label}/{rel}/{i:06d}", "label": label, "relation": rel, "index": i}
-                      for i in range(count)]
+            items += group
+            if n is not None and len(group) > n:
+                extended[f"{label}/{rel}"] = {"facts": len(group), "skipped_in_first": n - sum(edited[:n])}
+            # the report minimum: the items up to the minimum-th edited one (all, if never reached)
+            reached = [k for k, e in enumerate(edited) if e][minimum - 1:minimum]
+            n_min += reached[0] + 1 if reached else len(group)
     # Round robin over configurations and relations, one batch of facts of each at a time: a run stopped
     # by its time budget has measured every relation and editor, not the first relation only, and a
     # round's facts of one relation stay together for compute_batch (one v* batch on an accelerator).
     order, block = {lab: k for k, lab in enumerate(labels(ctx))}, batch_size(sys.modules[__name__], ctx)
     items.sort(key=lambda it: (it["index"] // block, order[it["label"]], RELATIONS.index(it["relation"]),
                                it["index"]))
-    n_min = sum(MINIMUM[f"{CONFIGS[lab][0]}_n"] for lab in labels(ctx)) * len(RELATIONS)
     rome = {lab: {"layer": _hparams(ctx, lab).layer, "mom2_adjustment": _hparams(ctx, lab).mom2_adjustment,
                   "mom2_n_samples": _hparams(ctx, lab).mom2_n_samples} for lab in labels(ctx) if lab != "kn"}
     return {"items": items, "source": merge_sources(sources, "relations"), "n_minimum": n_min,
-            "info": {"rome": rome}}
+            "info": {"rome": rome, "extended": extended}}
+
+
+def _n_eval(ctx, item):
+    """The number of first facts item is evaluated among (see :func:`_group`)."""
+    return item.get("n_eval") or _n(ctx, CONFIGS[item["label"]][0])
 
 
 def compute(ctx, item):
@@ -86,7 +118,7 @@ def compute(ctx, item):
 
     label, rel = item["label"], item["relation"]
     editor = CONFIGS[label][0]
-    df = evaluate_edits(ctx.lm, editor=editor, relation=rel, n=_n(ctx, editor), data_dir=ctx.data_dir,
+    df = evaluate_edits(ctx.lm, editor=editor, relation=rel, n=_n_eval(ctx, item), data_dir=ctx.data_dir,
                         hparams=_hparams(ctx, label), progress=False, items=[item["index"]])
     return _result(item, df)
 
@@ -107,11 +139,11 @@ def compute_batch(ctx, items):
     out, groups = {}, {}
     for item in items:
         if CONFIGS[item["label"]][0] == "rome":
-            groups.setdefault((item["label"], item["relation"]), []).append(item)
+            groups.setdefault((item["label"], item["relation"], _n_eval(ctx, item)), []).append(item)
         else:
             out[item["id"]] = compute(ctx, item)
-    for (label, rel), group in groups.items():
-        df = evaluate_edits(ctx.lm, editor="rome", relation=rel, n=_n(ctx, "rome"), data_dir=ctx.data_dir,
+    for (label, rel, n_eval), group in groups.items():
+        df = evaluate_edits(ctx.lm, editor="rome", relation=rel, n=n_eval, data_dir=ctx.data_dir,
                             hparams=_hparams(ctx, label), progress=False, items=[it["index"] for it in group],
                             batch_rome=True)
         for item in group:
@@ -215,6 +247,12 @@ def _text(paired, globs, plan, per_item):
                      + (f"on (statistics from {hp['mom2_n_samples']:,} texts)" if hp["mom2_adjustment"]
                         else "off") + ("" if lab == "rome" else " — ROME's own configuration, beside the "
                                        "paper's so a reader sees what the configuration does") + ".")
+    sizes = plan.get("sizes", {})
+    for key, e in plan.get("info", {}).get("extended", {}).items():
+        n = sizes.get("kn_n" if key.startswith("kn/") else "rome_n")
+        lines.append(f"- `{key}`: {e['skipped_in_first']} of the first {n} facts cannot be edited for this "
+                     f"criterion (skipped, counted in the items table's `_skipped`), so facts {n}..{e['facts'] - 1} "
+                     f"were added (each evaluated among the first {e['facts']}) to reach {n} edits.")
     for p in paired:
         size = paper.size_note("table1_rome" if p["editor"] != "kn" else "table1_kn", p["n"])
         lines.append(f"- {p['editor']} {p['relation']} {p['criterion']}: {p['before']:.1f} → {p['after']:.1f} % "
