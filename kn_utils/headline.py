@@ -37,6 +37,7 @@ def _meta_line(folder: Path, meta: dict) -> str:
              f"scale `{meta.get('scale')}`" + (", sizes overridden" if meta.get("overridden") else ""),
              "commit " + ", ".join(f"`{c}`" for c in dict.fromkeys(
                  c[:9] + ("-dirty" if c.endswith("-dirty") else "") for c in meta.get("commits", []))),
+             f"rendered by `{str(meta.get('rendered_by', 'unknown'))[:9]}`",
              f"total compute time: {meta.get('compute_seconds', 0) / 3600:.2f} h"]
     if meta.get("incomplete"):
         parts.append("**incomplete**")

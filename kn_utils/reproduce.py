@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
-import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from .experiments.report import README_END, README_START, headline, render_folde
 from .experiments.table1 import RELATIONS as TABLE1_RELATIONS
 from .experiments.table8 import DNA_MASKED
 from .experiments.tracing import AGREEMENT_TRACES
-from .store import SearchStore, Store, folder_lock, model_fingerprint, now, record_key, worker
+from .store import SearchStore, Store, folder_lock, git_commit, model_fingerprint, now, record_key, worker
 
 
 @dataclass
@@ -58,21 +57,6 @@ class Report:
     @property
     def incomplete(self) -> bool:
         return bool(self.meta.get("incomplete"))
-
-
-def git_commit(path=None) -> str:
-    """The checkout's commit (with ``-dirty`` when the package's tracked files, ``kn_utils/``, differ
-    from it: the code that computes; a report folder's own records and renders do not count), or
-    "unknown".  Read before a run writes anything."""
-    root = Path(path or Path(__file__).resolve().parents[1])
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "kn_utils"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
 
 
 # ----------------------------------------------------------------------------------------------

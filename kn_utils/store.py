@@ -32,6 +32,7 @@ import math
 import os
 import re
 import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,21 @@ def model_fingerprint(lm) -> str:
     probe = tok("The capital of France is Paris, isn't it?", add_special_tokens=True)["input_ids"]
     digest = hashlib.sha1(json.dumps([len(tok), list(probe)]).encode()).hexdigest()[:6]
     return f"{model_key(lm)}-{digest}"
+
+
+def git_commit(path=None) -> str:
+    """The checkout's commit (with ``-dirty`` when the package's tracked files, ``kn_utils/``, differ
+    from it: the code that computes; a report folder's own records and renders do not count), or
+    "unknown".  Read before a run writes anything."""
+    root = Path(path or Path(__file__).resolve().parents[1])
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "kn_utils"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
 
 
 def worker() -> dict:
@@ -238,4 +254,4 @@ class SearchStore:
 
 
 __all__ = ["Store", "SearchStore", "record_key", "search_key", "model_fingerprint", "worker", "clean",
-           "folder_lock", "SEARCH_VERSION"]
+           "folder_lock", "git_commit", "SEARCH_VERSION"]

@@ -161,6 +161,8 @@ def test_smoke_report_every_section(tiny, tmp_path, builtin_only):
         assert f"({png}.png)" in text
     assert not list(tmp_path.glob("*.pdf")) and not list(tmp_path.glob(".*tmp*"))
     assert reproduce.git_commit()[:7] in text and "total compute time" in text
+    # the commit whose kn_utils/ rendered it is named (issue 21: a reader compares it with main's)
+    assert f"by commit `{reproduce.git_commit()}`" in text and rep.meta["rendered_by"] == reproduce.git_commit()
     # smoke sizes are below the report minimum, and the report says so per section
     assert "below the report minimum" in text
     # item rows say which worker computed them and how long it took

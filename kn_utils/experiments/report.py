@@ -12,7 +12,7 @@ import pandas as pd
 
 from .. import paper
 from ..resources import relative_paths
-from ..store import Store
+from ..store import Store, git_commit
 from . import UNITS
 from .common import Section, atomic_csv, atomic_write_text, markdown_table
 
@@ -101,6 +101,8 @@ def render_folder(out, model_name=None) -> tuple[Path, list[Section], dict]:
         "workers": len({json.dumps(r.get("worker"), sort_keys=True) for r in used}),
         "sections": {s.key: {**s.status, "seconds": round(s.seconds, 1)} for s in sections},
         "rendered": _dt.datetime.now().isoformat(timespec="seconds"),
+        # the code that summarised the records: its kn_utils/ is what the report's numbers went through
+        "rendered_by": git_commit(),
     }
     # the data folder relative to the report folder (../../../shared/data): no path of this machine
     text = relative_paths(render(sections, meta, last), out, under=last.get("data_folder")) \
@@ -135,7 +137,8 @@ def render(sections, meta, plan) -> str:
               f"- model: {meta['model']} ({arch.get('n_layers')} layers x {arch.get('n_neurons')} MLP neurons"
               f"{', masked LM' if arch.get('masked') else ''}; fingerprint `{meta['fingerprint']}`)",
               f"- commit(s) the records came from: {', '.join(f'`{c}`' for c in meta['commits']) or 'none'}",
-              f"- rendered: {meta['rendered']}",
+              f"- rendered: {meta['rendered']} by commit `{meta.get('rendered_by', 'unknown')}` (its `kn_utils/` "
+              f"summarised the records)",
               f"- data folder: {plan.get('data_folder') or 'none (built-in sets)'}",
               f"- total compute time: {meta['compute_seconds']:.1f} s (sum of the records' seconds, "
               f"{meta['workers']} worker process(es))",
