@@ -61,7 +61,6 @@ class Context:
         self.lm, self.scale, self.data_dir, self.progress = lm, scale, data_dir, progress
         self.sizes = dict(sizes)
         self.searches = searches        # a kn_utils.store.SearchStore, or None (this process only)
-        self.lacking = {}               # min prompts -> relations with no fact that has them (fact_items)
         self._kn = {}
         self.reused = 0
 
@@ -288,13 +287,12 @@ def fact_items(ctx, min_prompts=1):
     """ParaRel facts (bags) per relation: the first facts_per_relation of each that have at least
     ``min_prompts`` usable prompts (later facts stand in for those that have fewer, so that every
     relation with enough such facts reaches the size): items {"id": "P36/0002", relation, fact,
-    bag, prompts}, the id's number being the fact's index in the relation's bags.  The relations
-    with no such fact are in ``ctx.lacking[min_prompts]``."""
+    bag, prompts}, the id's number being the fact's index in the relation's bags; the data source;
+    the relations with no such fact."""
     from ..data import source_of
     from ..data.pararel import load_bags
 
-    out, sources, want = [], [], ctx.sizes["facts_per_relation"]
-    ctx.lacking[min_prompts] = []
+    out, sources, lacking, want = [], [], [], ctx.sizes["facts_per_relation"]
     for rel in relations(ctx):
         bags = load_bags(rel, data_dir=ctx.data_dir, n=None)
         sources.append(source_of(bags))
@@ -307,8 +305,8 @@ def fact_items(ctx, min_prompts=1):
                 out.append({"id": f"{rel}/{i:04d}", "relation": rel, "fact": i, "bag": bag, "prompts": prompts})
                 taken += 1
         if not taken:
-            ctx.lacking[min_prompts].append(rel)
-    return out, merge_sources(sources, "relations")
+            lacking.append(rel)
+    return out, merge_sources(sources, "relations"), lacking
 
 
 def merge_sources(labels, parts: str = "parts") -> str:

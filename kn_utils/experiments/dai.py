@@ -17,18 +17,17 @@ RESULT_SIZES = ("ig_steps",)
 MINIMUM = {"facts_per_relation": 3}
 
 
-def n_minimum(ctx, min_prompts=1):
-    """facts_per_relation facts on every relation that has a fact with ``min_prompts`` decoder
-    prompts (after :func:`fact_items` with the same ``min_prompts``)."""
+def n_minimum(ctx, lacking=()):
+    """facts_per_relation facts on every relation but ``lacking`` (those :func:`fact_items` found
+    no usable fact in)."""
     from ..data.pararel import relations
 
-    lacking = ctx.lacking.get(min_prompts, [])
     return MINIMUM["facts_per_relation"] * (len(relations(ctx.data_dir)) - len(lacking))
 
 
 def plan(ctx):
-    items, source = fact_items(ctx)
-    return {"items": items, "source": source, "n_minimum": n_minimum(ctx)}
+    items, source, lacking = fact_items(ctx)
+    return {"items": items, "source": source, "n_minimum": n_minimum(ctx, lacking)}
 
 
 def compute(ctx, item):

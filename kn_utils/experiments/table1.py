@@ -70,9 +70,10 @@ def _group(ctx, label, rel, n):
     edited = [skip_reason(ctx.lm, rel, bags, i) is None for i in range(count)]
     if n is not None and sum(edited) < n:
         every = load_bags(rel, data_dir=ctx.data_dir, n=None)
-        end = count
-        while sum(edited) < n and end < len(every):
+        end, n_edited = count, sum(edited)
+        while n_edited < n and end < len(every):
             edited.append(skip_reason(ctx.lm, rel, every, end) is None)
+            n_edited += edited[-1]
             end += 1
         group += [{"id": f"{label}/{rel}/{i:06d}", "label": label, "relation": rel, "index": i, "n_eval": end}
                   for i in range(count, end)]

@@ -21,9 +21,8 @@ MINIMUM = {"facts_per_relation": 3}
 def plan(ctx):
     # tau and R2_1 compare prompts: a relation whose facts have one decoder prompt each (its other
     # ParaRel patterns do not end where the object starts) has nothing to measure
-    items, source = fact_items(ctx, min_prompts=2)
-    lacking = ctx.lacking[2]
-    return {"items": items, "source": source, "n_minimum": n_minimum(ctx, 2),
+    items, source, lacking = fact_items(ctx, min_prompts=2)
+    return {"items": items, "source": source, "n_minimum": n_minimum(ctx, lacking),
             "info": {"relations_without_two_prompts": lacking}}
 
 
