@@ -99,9 +99,29 @@ def parse_shard(text) -> tuple[int, int]:
     return k, n
 
 
+# the repository's own committed reports (reports/<model>): what REPORT.md says was computed by a
+# commit must be that commit's code, so a checkout whose kn_utils/ has uncommitted changes may not
+# write there (earlier sessions had to drop such "-dirty" records by hand)
+COMMITTED_REPORTS = Path(__file__).resolve().parents[1] / "reports"
+
+
+def check_committed_code(out) -> None:
+    """Refuse ``out`` inside :data:`COMMITTED_REPORTS` when ``kn_utils/`` differs from its commit."""
+    out, root = Path(out).resolve(), COMMITTED_REPORTS.resolve()
+    if out != root and root not in out.parents:
+        return
+    commit = git_commit()
+    if commit.endswith("-dirty"):      # PermissionError: the CLI says it in one line
+        raise PermissionError(
+            f"{out}: kn_utils/ has uncommitted changes (commit {commit[:9]}-dirty); the committed reports "
+            f"hold only records and renders of committed code: commit first, or pass --out <another folder>")
+
+
 def check_out(out) -> Path:
-    """A report folder that exists (or can be created) and is writable; refused before compute."""
+    """A report folder that exists (or can be created) and is writable, and not a committed report
+    while the code is uncommitted; refused before compute."""
     out = Path(out)
+    check_committed_code(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
     probe = out
@@ -267,6 +287,7 @@ def render_report(out, model_name=None) -> Report:
     out = Path(out)
     if not out.is_dir():
         raise NotADirectoryError(f"{out} is not a report folder")
+    check_committed_code(out)
     if not Store(out).units():
         raise FileNotFoundError(f"{out} holds no records (no records/<unit>/plan.json): run reproduce "
                                 f"first; --render-only renders only what a run stored")

@@ -474,3 +474,22 @@ def test_git_commit_is_dirty_only_when_the_package_differs(tmp_path):
     assert reproduce.git_commit(tmp_path) == head
     (tmp_path / "kn_utils" / "a.py").write_text("x = 2\n")
     assert reproduce.git_commit(tmp_path) == head + "-dirty"
+
+
+def test_committed_reports_refuse_uncommitted_code(tmp_path, monkeypatch):
+    """reports/<model> of the repository takes no record or render from a checkout whose kn_utils/
+    differs from its commit (one clear error before anything is written); other folders do."""
+    committed = reproduce.COMMITTED_REPORTS / "default"
+    monkeypatch.setattr(reproduce, "git_commit", lambda path=None: "abc1234-dirty")
+    before = (committed / "REPORT.md").stat().st_mtime_ns if (committed / "REPORT.md").exists() else None
+    with pytest.raises(PermissionError, match="uncommitted changes.*--out"):
+        reproduce.check_out(committed)
+    with pytest.raises(PermissionError, match="uncommitted changes"):
+        reproduce.check_out(reproduce.COMMITTED_REPORTS / "new-model" / "sub")
+    if before is not None:
+        with pytest.raises(PermissionError, match="uncommitted changes"):
+            reproduce.render_report(committed)
+        assert (committed / "REPORT.md").stat().st_mtime_ns == before
+    assert reproduce.check_out(tmp_path / "reports" / "default") == tmp_path / "reports" / "default"
+    monkeypatch.setattr(reproduce, "git_commit", lambda path=None: "abc1234")
+    assert reproduce.check_out(committed) == committed
