@@ -163,8 +163,14 @@ class Store:
     def write_plan(self, unit, plan: dict):
         from .experiments.common import atomic_write_text
 
+        text = json.dumps(clean(plan), indent=1) + "\n"
+        old = self.plan(unit)
+        # the same plan again (every run re-plans) keeps its file: only the time would change, and a
+        # committed report would show a diff in every plan.json after each run
+        if old is not None and {**old, "created": None} == {**json.loads(text), "created": None}:
+            return
         (self.root / unit).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.root / unit / "plan.json", json.dumps(clean(plan), indent=1) + "\n")
+        atomic_write_text(self.root / unit / "plan.json", text)
 
     def plan(self, unit) -> dict | None:
         path = self.root / unit / "plan.json"

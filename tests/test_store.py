@@ -89,6 +89,17 @@ def test_records_union_skips_a_half_written_line_and_keeps_the_earlier_duplicate
     assert set(Store(tmp_path).records("blimp", "k")) == {"a", "c"}
 
 
+def test_write_plan_keeps_the_file_when_only_the_time_differs(tmp_path):
+    store = Store(tmp_path)
+    store.write_plan("u", {"key": "k1", "items": ["a", "b"], "created": "2026-01-01T00:00:00Z"})
+    store.write_plan("u", {"key": "k1", "items": ["a", "b"], "created": "2026-02-02T00:00:00Z"})
+    assert store.plan("u")["created"] == "2026-01-01T00:00:00Z"
+    store.write_plan("u", {"key": "k1", "items": ["a"], "created": "2026-03-03T00:00:00Z"})
+    assert store.plan("u") == {"key": "k1", "items": ["a"], "created": "2026-03-03T00:00:00Z"}
+    store.write_plan("u", {"key": "k1", "items": ["a"], "error": "x", "created": "2026-03-03T00:00:00Z"})
+    assert store.plan("u")["error"] == "x"
+
+
 def test_clean_rounds_floats_and_converts_numpy():
     import numpy as np
 
@@ -106,8 +117,10 @@ def test_resume_computes_nothing_the_second_time(tiny, tmp_path, builtin_only, c
     n_first = dict(counted)
     assert first.computed == sum(n_first.values()) > 0
     counted.clear()
+    plans = {p: p.read_bytes() for p in (tmp_path / "records").glob("*/plan.json")}
     second = reproduce.reproduce(lm, "smoke", tmp_path, sections=FAST)
     assert counted == {} and second.computed == 0
+    assert plans and all(p.read_bytes() == text for p, text in plans.items())   # no diff to commit
     assert _report_body(first.path) == _report_body(second.path)
     # another size that changes results is another key: computed afresh
     third = reproduce.reproduce(lm, "smoke", tmp_path, sections=["blimp"], sizes={"blimp_n": 5})
