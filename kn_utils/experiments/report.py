@@ -153,6 +153,10 @@ def render(sections, meta, plan) -> str:
               "|---|---|---|---|---|"]
     lines += [f"| [{_cell(s.title)}](#{s.key}) | {s.status.get('n_done', 0)} / {s.status.get('n_planned', 0)} | "
               f"{s.status.get('n_minimum', 0)} | {s.seconds:.1f} | {_status_word(s)} |" for s in sections]
+    lines += ["", "Compute time is the sum of the section's records' seconds. A neuron search (integrated "
+              "gradients) is stored once and read by every section that needs it, and counts in the section "
+              "that ran it: a section whose searches were all stored already (Table 9 reads Dai's, Table 8 "
+              "Fig 6b's, when those ran first) shows about 0 s."]
     lines += ["", "## Headline ([headline.csv](headline.csv))", "",
               "Ours with its 95 % interval and n; the paper's number is from another model and setting "
               "(last column), so it is context, not a target.", "", markdown_table(headline(sections))]
