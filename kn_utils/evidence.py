@@ -163,29 +163,42 @@ def syntax_vs_facts(syntax: pd.DataFrame, facts: pd.DataFrame, n_layers: int | N
     return SyntaxVsFacts(table, counts, verdicts, overall, sentence)
 
 
+# the class of the items where the last subject token is the last token (see class_effects)
+COINCIDING = "last subject token = last token"
+
+
 def class_effects(traces, token_class: str, drop_coinciding: bool = True):
     """Per-item indirect effects of one token class, for :func:`kn_utils.stats.aie_peak`.
 
     ``traces``: :class:`~kn_utils.tracing.TraceResult` list (``average_indirect_effect(...,
     return_traces=True)``).  Each item counts once: a class with several tokens (middle subject
     tokens, further tokens) is averaged within the item.  Items where the class is empty are left
-    out; with ``drop_coinciding`` so are items where the class is the same token as another class
-    (an agreement prompt ending at its subject: "last subject token" = "last token"), since there the
-    classes cannot be told apart.  Returns (effects [n_items, n_layers], total_effects [n_items],
-    n_dropped_coinciding)."""
+    out; with ``drop_coinciding`` so are items where the last subject token is the last token (an
+    agreement prompt ending at its corrupted word) when ``token_class`` is one of those two, since
+    the peaks compare them and there they cannot be told apart.  Other shared tokens are ROME's
+    grouping and stay (a one-token subject is both its first and last subject token; a prompt with
+    one token after the subject ends at the first subsequent token).  ``token_class=COINCIDING``
+    takes exactly the items dropped from those two, at that shared token.  Returns (effects
+    [n_items, n_layers], total_effects [n_items], n_dropped_coinciding)."""
     from .tracing import TOKEN_CLASSES, token_classes
 
-    if token_class not in TOKEN_CLASSES:
-        raise ValueError(f"unknown token class {token_class!r}; classes: {TOKEN_CLASSES}")
+    if token_class not in (*TOKEN_CLASSES, COINCIDING):
+        raise ValueError(f"unknown token class {token_class!r}; classes: {(*TOKEN_CLASSES, COINCIDING)}")
     rows, totals, dropped = [], [], 0
     for tr in traces:
         classes = token_classes(len(tr.tokens), tr.subject_range, tr.read_position)
-        idx = classes[token_class]
-        if not idx:
-            continue
-        if drop_coinciding and any(other != token_class and classes[other] == idx for other in classes):
-            dropped += 1
-            continue
+        same = classes["last subject token"] == classes["last token"]
+        if token_class == COINCIDING:
+            if not same:
+                continue
+            idx = classes["last token"]
+        else:
+            idx = classes[token_class]
+            if not idx:
+                continue
+            if drop_coinciding and same and token_class in ("last subject token", "last token"):
+                dropped += 1
+                continue
         rows.append(tr.indirect_effects[idx].double().mean(0).numpy())
         totals.append(tr.high_score - tr.low_score)
     n_layers = traces[0].scores.shape[1] if len(traces) else 0
@@ -193,5 +206,5 @@ def class_effects(traces, token_class: str, drop_coinciding: bool = True):
     return effects, np.asarray(totals, dtype=float), dropped
 
 
-__all__ = ["class_effects", "split_searches", "search_summary", "top_layer_share", "syntax_vs_facts", "SyntaxVsFacts",
+__all__ = ["class_effects", "COINCIDING", "split_searches", "search_summary", "top_layer_share", "syntax_vs_facts", "SyntaxVsFacts",
            "MEASURES", "TAU_BOUNDS", "TOP_FRACTION"]

@@ -121,7 +121,7 @@ def _trace(n_tokens, subject, read, effect_rows, low=0.1, high=0.5):
 
 
 def test_class_effects_one_row_per_item_and_coinciding_classes_dropped():
-    from kn_utils.evidence import class_effects
+    from kn_utils.evidence import COINCIDING, class_effects
     from kn_utils.stats import aie_peak
     # item A: 5 tokens, subject [1, 4) -> middle = [2], last subject = [3], read = 4
     a = _trace(5, (1, 4), 4, [[0, 0], [0.1, 0.0], [0.2, 0.0], [0.3, 0.1], [0.0, 0.4]])
@@ -138,5 +138,14 @@ def test_class_effects_one_row_per_item_and_coinciding_classes_dropped():
     assert eff[0] == pytest.approx([0.4, 0.0])             # mean of tokens 1, 2, 3
     res = aie_peak(*class_effects([a, b, a], "middle subject tokens")[:2])
     assert res["n"] == 3 and res["layer"] == 0
+    # B's shared token is the class COINCIDING (only the items dropped above)
+    eff, te, dropped = class_effects([a, b], COINCIDING)
+    assert dropped == 0 and eff.shape == (1, 2) and eff[0] == pytest.approx([0.5, 0.5]) and te == pytest.approx([0.4])
+    # a one-token subject (first = last subject token) or one token after the subject (first
+    # subsequent = last token) is ROME's grouping, not a coincidence: kept in every class
+    d = _trace(3, (1, 2), 2, [[0, 0], [0.3, 0.1], [0.0, 0.2]])
+    for cls in ("first subject token", "last subject token", "first subsequent token", "last token"):
+        assert class_effects([d], cls)[0].shape == (1, 2) and class_effects([d], cls)[2] == 0
+    assert class_effects([d], COINCIDING)[0].shape == (0, 2)
     with pytest.raises(ValueError, match="unknown token class"):
         class_effects([a], "subject")

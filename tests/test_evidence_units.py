@@ -210,7 +210,11 @@ def test_tracing_peaks_t_over_items_and_coinciding_classes_dropped(tmp_path):
     assert "3 items dropped from the last-subject-token class" in sec.text
     assert "Student t over the items' own effects" in sec.text
     heads = [h[0] for h in UNITS["tracing"].headline(sec)]
-    assert not any(h.startswith("AIE dna: MLP peak at last subject token") for h in heads)
+    assert not any(h.startswith("AIE dna: MLP peak at last subject token (") for h in heads)
+    # their shared token is a class of its own, with its own peak
+    assert dna.n_both == 3 and any(h.startswith("AIE dna: MLP peak at last subject token = last token (") for h in heads)
+    assert "where the corrupted word is the last token (3 items)" in sec.text
+    assert set(sec.tables["peaks"].query("items == 'dna'")["token class"]) == {"last subject token = last token"}
 
 
 # ---------------------------------------------------------------------------------------------

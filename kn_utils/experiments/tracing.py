@@ -98,20 +98,22 @@ def _traces(records, kind, keep_correct):
     return out
 
 
-CLASSES = {"lst": "last subject token", "last": "last token"}
+# "both": the items where the last subject token is the last token, dropped from the other two
+CLASSES = {"lst": "last subject token", "last": "last token", "both": "last subject token = last token"}
 
 
 def _peaks(traces_by_kind):
     """Per kind and token class: :func:`kn_utils.stats.aie_peak` over the items' own effects (t over
-    items; relative to each item's total effect), items where the class coincides with another
-    (an agreement prompt ending at its corrupted word) dropped and counted."""
-    from ..evidence import class_effects
+    items; relative to each item's total effect), items whose last subject token is the last token
+    (an agreement prompt ending at its corrupted word) dropped from those two classes, counted, and
+    traced as their own class ("both")."""
+    from ..evidence import COINCIDING, class_effects
     from ..stats import aie_peak
 
     out, counts = {}, {}
     for kind, traces in traces_by_kind.items():
         for short, cls in CLASSES.items():
-            e, te, dropped = class_effects(traces, cls)
+            e, te, dropped = class_effects(traces, COINCIDING if short == "both" else cls)
             counts[short] = (len(e), dropped)
             nan = float("nan")
             out[(kind, short)] = aie_peak(e, te) if len(e) else {
@@ -172,7 +174,7 @@ def summarise(records, plan, sec, out):
         [{"items": name, "kind": kind, "token class": CLASSES[short], "layer": p["layer"], "aie %": 100 * p["aie"],
           "lo": 100 * p["lo"], "hi": 100 * p["hi"], "n": p["n"], "relative": p["relative"], "rel_lo": p["rel_lo"],
           "rel_hi": p["rel_hi"], "interval": "t over items"}
-         for name, pk in peaks.items() for (kind, short), p in pk.items()])
+         for name, pk in peaks.items() for (kind, short), p in pk.items() if p["n"]])   # n = 0: no peak
     sec.tables["paper"] = pd.DataFrame([{**rt, "source": paper.TRACING_SOURCE}])
     for name, df in tables.items():
         sec.tables[f"aie_{name}"] = df
@@ -183,6 +185,8 @@ def summarise(records, plan, sec, out):
 
 
 def _fmt_peak(p, L):
+    if not p["n"]:
+        return "no estimate (n = 0)"
     rel = (f", {100 * p['relative']:.0f} % [{100 * p['rel_lo']:.0f}, {100 * p['rel_hi']:.0f}] of the total effect"
            if p["relative"] == p["relative"] else "")
     return (f"{100 * p['aie']:.2f} [{100 * p['lo']:.2f}, {100 * p['hi']:.2f}] % at layer {p['layer']} of {L}"
@@ -196,10 +200,10 @@ def _text(table, peaks, L, rt):
     texts = ["Peaks: the layer where the mean indirect effect over items is largest; its 95 % interval is "
              "Student t over the items' own effects at that layer (each item counts once; a class with "
              "several tokens is averaged within the item), and `rel_*` is the peak relative to the total "
-             "effect (clean - corrupted) with a delta-method t interval. Items where the token class is "
-             "the same token as another (an agreement prompt ending at or right after its corrupted word: "
-             "the last subject token is the last token) are dropped from that class and counted "
-             "(`dropped_coinciding_*`)."]
+             "effect (clean - corrupted) with a delta-method t interval. Items whose last subject token is "
+             "the last token (an agreement prompt ending at its corrupted word) are dropped from those two "
+             "classes and counted (`dropped_coinciding_*`); their shared token is a class of its own, "
+             "\"last subject token = last token\"."]
     by = table.set_index("items") if len(table) else table
     if "facts" in peaks:
         f, pk = by.loc["facts"], peaks["facts"]
@@ -220,9 +224,13 @@ def _text(table, peaks, L, rt):
             lo_l, hi_l, of = paper.PAPER_AGREEMENT_MLP_PEAK
             texts.append(f"- {name.upper()} ({int(a.n_traced)} traced; effects on P(good form), top-1 or not; "
                          f"{int(a.dropped_coinciding_lst)} items dropped from the last-subject-token class as it "
-                         f"coincides with another): MLP at the corrupted word's last token {_fmt_peak(pk[('mlp', 'lst')], L)}, "
+                         f"coincides with the last token): MLP at the corrupted word's last token {_fmt_peak(pk[('mlp', 'lst')], L)}, "
                          f"attention {_fmt_peak(pk[('attn', 'lst')], L)}; at the last token MLP "
-                         f"{_fmt_peak(pk[('mlp', 'last')], L)}. The paper ({paper.AGREEMENT_SOURCE}) finds the "
+                         f"{_fmt_peak(pk[('mlp', 'last')], L)}"
+                         + (f"; where the corrupted word is the last token ({int(a.n_both)} items) MLP "
+                            f"{_fmt_peak(pk[('mlp', 'both')], L)}, attention {_fmt_peak(pk[('attn', 'both')], L)}"
+                            if a.get("n_both", 0) > 0 else "")
+                         + f". The paper ({paper.AGREEMENT_SOURCE}) finds the "
                          f"MLP/attention split vanishes for agreement (GPT-2 XL MLP peaks at layers {lo_l}-{hi_l} of {of}).")
     return "\n".join(texts)
 
@@ -237,7 +245,7 @@ def headline(sec):
         ref_m, ref_a = (rt["mlp_at_peak"], rt["attn_at_peak"]) if facts else (float("nan"), float("nan"))
         setting = "ROME, GPT-2 XL" if facts else ""
         # a class every item of the set drops (it coincides with another) has no peak: no row
-        classes = [("lst", "last subject token")] + ([] if facts else [("last", "last token")])
+        classes = [("lst", "last subject token")] + ([] if facts else [("last", "last token"), ("both", CLASSES["both"])])
         for short, cls in classes:
             if not r.get(f"n_{short}", 0) > 0:
                 continue
